@@ -1,0 +1,1 @@
+"""Export of the cascade's networks to ONNX and TensorRT."""

@@ -1,0 +1,1 @@
+"""Triton kernels (fused attention, fused group-norm) and their PyTorch references."""
