@@ -1,0 +1,215 @@
+"""The on-disk layout of a cascade: `model_index.json` plus one folder per component (diffusers layout).
+
+Karlo's components: tokenizer, text_encoder, prior, text_proj, decoder, super_res_first, super_res_last and
+their schedulers; the image-variation release has image_encoder (+ feature_extractor) and no prior.
+Further upsamplers (the paper's 256→1024 stage) are `super_res_{k}_first` / `super_res_{k}_last` /
+`super_res_{k}_scheduler` for k = 2, 3, ...; `_last` is optional and defaults to `_first`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .config import Config, ConfigError, read_json
+from .weights import write_json
+
+DIFFUSERS_VERSION_WRITTEN = "0.42.1"  # what our saved model_index.json claims; diffusers loads it as its own
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """What the sampler needs from a `scheduler_config.json` (diffusers' UnCLIPScheduler fields)."""
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    variance_type: str = "fixed_small_log"
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "SchedulerConfig":
+        cfg.expect("_class_name", ("UnCLIPScheduler",), default="UnCLIPScheduler")
+        cfg.reject_unknown([f for f in cls.__dataclass_fields__])
+        rng = cfg.get("clip_sample_range", 1.0, types=(int, float))
+        if not rng > 0:
+            raise cfg.error("clip_sample_range", f"= {rng!r} must be > 0")
+        return cls(
+            num_train_timesteps=cfg.get_int("num_train_timesteps", 1000, min_value=1),
+            beta_schedule=cfg.get("beta_schedule", "squaredcos_cap_v2", choices=("squaredcos_cap_v2", "linear")),
+            variance_type=cfg.get("variance_type", "fixed_small_log", choices=("fixed_small_log", "learned_range")),
+            prediction_type=cfg.get("prediction_type", "epsilon", choices=("epsilon", "sample")),
+            clip_sample=cfg.get("clip_sample", True, types=bool),
+            clip_sample_range=float(rng),
+        )
+
+    def to_dict(self) -> dict:
+        return {"_class_name": "UnCLIPScheduler", "_diffusers_version": DIFFUSERS_VERSION_WRITTEN, **asdict(self)}
+
+
+def _model_classes():
+    # Imported lazily so that `unclip.loading` stays importable while a model module is being edited.
+    from .models.clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+    from .models.prior import PriorTransformer
+    from .models.text_proj import TextProj
+    from .models.unet import ConditionalUNet, SuperResUNet
+    return {
+        "text_encoder": (("transformers", "CLIPTextModelWithProjection"), CLIPTextModelWithProjection),
+        "image_encoder": (("transformers", "CLIPVisionModelWithProjection"), CLIPVisionModelWithProjection),
+        "prior": (("diffusers", "PriorTransformer"), PriorTransformer),
+        "text_proj": (("unclip", "UnCLIPTextProjModel"), TextProj),
+        "decoder": (("diffusers", "UNet2DConditionModel"), ConditionalUNet),
+        "super_res": (("diffusers", "UNet2DModel"), SuperResUNet),
+    }
+
+
+_EXTRA_SR = re.compile(r"^super_res_(\d+)_(first|last|scheduler)$")
+
+
+@dataclass
+class Upsampler:
+    """One super-resolution stage: a network for the first steps, one for the last step, a scheduler."""
+    name: str
+    first: torch.nn.Module
+    last: torch.nn.Module
+    scheduler: SchedulerConfig
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    text_proj: torch.nn.Module
+    decoder: torch.nn.Module
+    decoder_scheduler: SchedulerConfig
+    upsamplers: list[Upsampler] = field(default_factory=list)
+    prior: torch.nn.Module | None = None
+    prior_scheduler: SchedulerConfig | None = None
+    image_encoder: torch.nn.Module | None = None
+    image_processor_config: dict | None = None  # feature_extractor/preprocessor_config.json, when present
+
+
+def _entry(index: Config, key: str) -> tuple | None:
+    value = index.data.get(key)
+    if value is None or value == [None, None]:
+        return None
+    if not (isinstance(value, list) and len(value) == 2):
+        raise index.error(key, f"= {value!r} must be a [library, class] pair")
+    return tuple(value)
+
+
+def load_components(root: str, *, device="cpu", dtype: torch.dtype | None = None) -> Components:
+    """Read a whole cascade folder. Every error names the file (and key) at fault; nothing is written."""
+    from .models import load_model
+    from .tokenizer import CLIPTokenizer
+
+    if not os.path.isdir(root):
+        raise ConfigError(f"{root}: model directory not found")
+    index = Config.from_file(os.path.join(root, "model_index.json"))
+    classes = _model_classes()
+
+    def model(key, kind=None):
+        expected, cls = classes[kind or key]
+        entry = _entry(index, key)
+        if entry is None:
+            return None
+        if entry[1] != expected[1]:
+            raise index.error(key, f"= {list(entry)!r}: this engine loads {expected[1]} here")
+        return load_model(os.path.join(root, key), cls, device=device, dtype=dtype)
+
+    def scheduler(key):
+        if _entry(index, key) is None:
+            raise index.error(key, "is required but missing")
+        return SchedulerConfig.from_config(Config.from_file(os.path.join(root, key, "scheduler_config.json")))
+
+    for required in ("tokenizer", "text_encoder", "text_proj", "decoder", "super_res_first"):
+        if _entry(index, required) is None:
+            raise index.error(required, "is required but missing")
+    has_prior = _entry(index, "prior") is not None
+
+    first = model("super_res_first", "super_res")
+    upsamplers = [Upsampler("super_res", first, model("super_res_last", "super_res") or first,
+                            scheduler("super_res_scheduler"))]
+    extra = sorted({int(m.group(1)) for k in index.data if (m := _EXTRA_SR.match(k))})
+    for k in extra:
+        name = f"super_res_{k}"
+        first_k = model(f"{name}_first", "super_res")
+        if first_k is None:
+            raise index.error(f"{name}_first", "is required when other super_res_%d_* entries exist" % k)
+        upsamplers.append(Upsampler(name, first_k, model(f"{name}_last", "super_res") or first_k,
+                                    scheduler(f"{name}_scheduler")))
+
+    fe_path = os.path.join(root, "feature_extractor", "preprocessor_config.json")
+    return Components(
+        tokenizer=CLIPTokenizer.from_folder(os.path.join(root, "tokenizer")),
+        text_encoder=model("text_encoder"),
+        text_proj=model("text_proj"),
+        decoder=model("decoder"),
+        decoder_scheduler=scheduler("decoder_scheduler"),
+        upsamplers=upsamplers,
+        prior=model("prior") if has_prior else None,
+        prior_scheduler=scheduler("prior_scheduler") if has_prior else None,
+        image_encoder=model("image_encoder"),
+        image_processor_config=read_json(fe_path) if os.path.isfile(fe_path) else None,
+    )
+
+
+def save_components(c: Components, root: str, dtype: torch.dtype | None = None) -> None:
+    """Write `c` in the diffusers layout, into a fresh sibling folder renamed into place at the end, so a
+    failure never leaves a half-written `root` (an existing `root` is replaced only on success)."""
+    import shutil
+    import tempfile
+
+    from .models import save_model
+
+    root = os.path.abspath(root)
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.tmp-")
+    try:
+        index = {"_class_name": "UnCLIPPipeline" if c.prior is not None else "UnCLIPImageVariationPipeline",
+                 "_diffusers_version": DIFFUSERS_VERSION_WRITTEN}
+        classes = _model_classes()
+
+        def put(key, module, kind=None):
+            index[key] = list(classes[kind or key][0])
+            save_model(module, os.path.join(tmp, key), dtype=dtype)
+
+        def put_scheduler(key, sched):
+            index[key] = ["diffusers", "UnCLIPScheduler"]
+            write_json(os.path.join(tmp, key, "scheduler_config.json"), sched.to_dict())
+
+        c.tokenizer.save(os.path.join(tmp, "tokenizer"))
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+        put("text_encoder", c.text_encoder)
+        put("text_proj", c.text_proj)
+        put("decoder", c.decoder)
+        put_scheduler("decoder_scheduler", c.decoder_scheduler)
+        if c.prior is not None:
+            put("prior", c.prior)
+            put_scheduler("prior_scheduler", c.prior_scheduler)
+        if c.image_encoder is not None:
+            put("image_encoder", c.image_encoder)
+        if c.image_processor_config is not None:
+            index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+            write_json(os.path.join(tmp, "feature_extractor", "preprocessor_config.json"), c.image_processor_config)
+        for i, up in enumerate(c.upsamplers):
+            name = "super_res" if i == 0 else f"super_res_{i + 1}"
+            put(f"{name}_first", up.first, "super_res")
+            if up.last is not up.first or i == 0:  # diffusers always expects super_res_last
+                put(f"{name}_last", up.last, "super_res")
+            put_scheduler(f"{name}_scheduler", up.scheduler)
+        write_json(os.path.join(tmp, "model_index.json"), index)
+        if os.path.exists(root):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.old-")
+            os.rmdir(old)
+            os.replace(root, old)
+            os.replace(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

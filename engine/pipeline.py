@@ -1,0 +1,356 @@
+"""`unclip.Pipeline`: prompt → prior → decoder → upsampler(s) → images, with diffusers' keywords and seeds.
+
+Every stage runs through `sampling.run_loop`; what differs between stages (networks, guidance, sampler,
+sizes) is data built in `_prior_stage`, `_decoder_stage` and `_super_res_stage`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import samplers
+from .loading import Components, load_components, save_components
+from .samplers import seeded_randn as randn
+from .sampling import guided, run_loop
+
+BACKENDS = ("torch", "fast", "onnxruntime", "tensorrt")
+OUTPUT_TYPES = ("pil", "np", "pt")
+SAMPLERS = ("ddpm", "ddim")
+
+
+class NonFiniteError(FloatingPointError):
+    """A stage produced NaN or Inf (typically fp16 overflow); the message names the stage."""
+
+
+@dataclass
+class UnCLIPOutput:
+    images: object  # list[PIL.Image] | np.ndarray (B, H, W, 3) | torch.Tensor (B, 3, H, W), values in [0, 1]
+    image_embeddings: torch.Tensor | None = None
+
+
+def _dtype_of(dtype) -> torch.dtype:
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return dtype
+    if isinstance(dtype, str) and dtype in names:
+        return names[dtype]
+    raise ValueError(f"dtype must be one of fp32, fp16, bf16 (or the torch dtypes); got {dtype!r}")
+
+
+def _check_steps(name: str, value, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int in 1..{limit}; got {type(value).__name__}")
+    if not 1 <= value <= limit:
+        raise ValueError(f"{name} must be in 1..{limit}; got {value}")
+    return int(value)
+
+
+def _check_scale(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite real number; got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    return float(value)
+
+
+def _per_stage(name: str, value, stages: list[str], default, check: Callable) -> dict:
+    """`value` for every stage, or a dict {stage: value} overriding `default` for some stages."""
+    if isinstance(value, dict):
+        unknown = set(value) - set(stages)
+        if unknown:
+            raise ValueError(f"{name}: unknown stage(s) {sorted(unknown)}; stages are {stages}")
+        return {s: check(value.get(s, default)) for s in stages}
+    return {s: check(value) for s in stages}
+
+
+class Pipeline:
+    """The unCLIP cascade. Build with `from_pretrained(dir)` or `from_preset(name)`, then call with a prompt."""
+
+    def __init__(self, components: Components, *, device="cpu", dtype=torch.float32, backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        if backend != "torch":
+            raise NotImplementedError(f"backend {backend!r} is not available yet in this version")
+        self.components = components
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.backend = backend
+        self._lock = threading.Lock()  # the torch backend is re-entrant; kept for backends with shared state
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path: str, *, device="cpu", dtype=torch.float32, backend: str = "torch") -> "Pipeline":
+        """Load a diffusers-layout unCLIP folder (e.g. Karlo v1 alpha). Never writes into `path`."""
+        dtype = _dtype_of(dtype)
+        return cls(load_components(str(path), device=device, dtype=dtype), device=device, dtype=dtype,
+                   backend=backend)
+
+    @classmethod
+    def from_preset(cls, name: str, *, seed: int = 0, device="cpu", dtype=torch.float32,
+                    backend: str = "torch") -> "Pipeline":
+        """A random-weight cascade: "tiny" (fast on a CPU), "karlo" (Karlo's exact configs), "dalle2"."""
+        from .presets import build_preset
+        dtype = _dtype_of(dtype)
+        return cls(build_preset(name, seed=seed, device=device, dtype=dtype), device=device, dtype=dtype,
+                   backend=backend)
+
+    def save_pretrained(self, path: str, dtype=None) -> None:
+        """Write the cascade in the diffusers layout (loadable by diffusers' UnCLIPPipeline too)."""
+        save_components(self.components, str(path), dtype=None if dtype is None else _dtype_of(dtype))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def stage_names(self) -> list[str]:
+        c = self.components
+        return (["prior"] if c.prior is not None else []) + ["decoder"] + [u.name for u in c.upsamplers]
+
+    @property
+    def image_size(self) -> int:
+        return self.components.upsamplers[-1].first.config.sample_size
+
+    # ------------------------------------------------------------------ text
+    def encode_prompt(self, prompt: str | list[str], num_images_per_prompt: int = 1, guidance: bool = True):
+        """CLIP text features in the layout every stage expects: ([uncond] + cond rows, each prompt repeated
+        `num_images_per_prompt` times). Returns (text_embeds, hidden_states, mask)."""
+        c = self.components
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        tokens = c.tokenizer(prompts)
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        embeds, hidden = c.text_encoder(ids)
+        n = num_images_per_prompt
+        embeds, hidden, mask = (t.repeat_interleave(n, dim=0) for t in (embeds, hidden, mask))
+        if guidance:
+            empty = c.tokenizer([""])
+            u_ids, u_mask = empty.input_ids.to(self.device), empty.attention_mask.to(self.device)
+            u_embeds, u_hidden = c.text_encoder(u_ids)
+            rows = embeds.shape[0]
+            embeds = torch.cat([u_embeds.expand(rows, -1), embeds])
+            hidden = torch.cat([u_hidden.expand(rows, -1, -1), hidden])
+            mask = torch.cat([u_mask.expand(rows, -1), mask])
+        return embeds, hidden, mask
+
+    # ------------------------------------------------------------------ stages
+    def _plan(self, scheduler, steps, sampler, eta):
+        return samplers.make_plan(scheduler, steps, sampler=sampler, eta=eta, device=self.device)
+
+    def _initial(self, shape, latents, generator, name):
+        if latents is None:
+            return randn(shape, generator, self.device, self.dtype)
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(latents).__name__}")
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(latents.shape)}")
+        return latents.to(self.device, self.dtype)
+
+    def _noise(self, plan, shape, generator):
+        return [randn(shape, generator, self.device, self.dtype) if draws else None
+                for draws in plan.draws_noise]
+
+    def _run(self, name, plan, x, denoise, generator, callback, progress):
+        # Noise for every stochastic step is drawn before the loop: same order as diffusers (initial
+        # latents, then one draw per step with t > 0), and the loop itself does no random draws.
+        noise = self._noise(plan, tuple(x.shape), generator)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=plan.num_steps, desc=name, leave=False)
+        stage_cb = None if callback is None else (lambda i, t, xi: callback(name, i, t, xi))
+        try:
+            x = run_loop(plan, x.float(), denoise, [None if n is None else n.float() for n in noise], stage_cb, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not torch.isfinite(x).all():
+            raise NonFiniteError(f"stage '{name}' produced non-finite values (dtype {self.dtype}); "
+                                 "try float32 or bfloat16")
+        return x
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 prior_num_inference_steps: int = 25, decoder_num_inference_steps: int = 25,
+                 super_res_num_inference_steps: int | list[int] = 7, generator=None,
+                 prior_latents: torch.Tensor | None = None, decoder_latents: torch.Tensor | None = None,
+                 super_res_latents: torch.Tensor | list | None = None, text_model_output=None,
+                 text_attention_mask: torch.Tensor | None = None, prior_guidance_scale: float = 4.0,
+                 decoder_guidance_scale: float = 8.0, output_type: str = "pil", return_dict: bool = True, *,
+                 sampler: str | dict = "ddpm", eta: float | dict = 0.0, prior_candidates: int = 1,
+                 callback: Callable | None = None, progress: bool = True):
+        """Generate images. Keywords shared with diffusers' UnCLIPPipeline mean the same, and with the same
+        CPU generator the random draws are the same (seed compatibility). Extras:
+
+        sampler: "ddpm" (Karlo's strided DDPM) or "ddim", for all stages or as {stage: name}.
+        eta: DDIM η (0 = deterministic), for all stages or as {stage: value}.
+        prior_candidates: draw k prior embeddings per image, keep the one whose direction is closest to the
+            text embedding (highest dot product of the unit vectors; the paper's trick). k > 1 draws extra noise.
+        callback: called as callback(stage, step_index, timestep, latents) after every step.
+        progress: tqdm bars per stage.
+        """
+        c = self.components
+        if c.prior is None:
+            raise ValueError("this pipeline has no prior (an image-variation model): use pipe.variations(...)")
+        # ---- validate everything before any work, so a bad call leaves nothing half-done
+        if prompt is None and text_model_output is None:
+            raise ValueError("prompt must be a str or a list of str (or pass text_model_output)")
+        if prompt is not None:
+            if isinstance(prompt, str):
+                prompts = [prompt]
+            elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+                prompts = list(prompt)
+            else:
+                raise TypeError("prompt must be a str or a non-empty list of str; "
+                                f"got {type(prompt).__name__}" + (" (empty)" if prompt == [] else ""))
+            batch = len(prompts)
+        else:
+            if text_attention_mask is None:
+                raise ValueError("text_attention_mask is required with text_model_output")
+            batch = text_model_output[0].shape[0]
+        n = _check_steps("num_images_per_prompt", num_images_per_prompt, 10**6)
+        k = _check_steps("prior_candidates", prior_candidates, 64)
+        stages = self.stage_names
+        train = c.decoder_scheduler.num_train_timesteps
+        steps = {"prior": _check_steps("prior_num_inference_steps", prior_num_inference_steps,
+                                       c.prior_scheduler.num_train_timesteps),
+                 "decoder": _check_steps("decoder_num_inference_steps", decoder_num_inference_steps, train)}
+        sr_steps = super_res_num_inference_steps
+        sr_steps = list(sr_steps) if isinstance(sr_steps, (list, tuple)) else [sr_steps] * len(c.upsamplers)
+        if len(sr_steps) != len(c.upsamplers):
+            raise ValueError(f"super_res_num_inference_steps: give one int or {len(c.upsamplers)} (one per upsampler)")
+        for up, s in zip(c.upsamplers, sr_steps):
+            steps[up.name] = _check_steps("super_res_num_inference_steps", s, up.scheduler.num_train_timesteps)
+        prior_scale = _check_scale("prior_guidance_scale", prior_guidance_scale)
+        decoder_scale = _check_scale("decoder_guidance_scale", decoder_guidance_scale)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+        sampler_of = _per_stage("sampler", sampler, stages, "ddpm", self._check_sampler)
+        eta_of = _per_stage("eta", eta, stages, 0.0, self._check_eta)
+        if generator is not None and not isinstance(generator, (torch.Generator, list, tuple)):
+            raise TypeError(f"generator must be a torch.Generator or a list of them; got {type(generator).__name__}")
+        if super_res_latents is not None and not isinstance(super_res_latents, (list, tuple)):
+            super_res_latents = [super_res_latents] + [None] * (len(c.upsamplers) - 1)
+        super_res_latents = list(super_res_latents or [None] * len(c.upsamplers))
+
+        rows = batch * n
+        # As in diffusers: guidance (an [uncond, cond] batch) is on for both text-conditioned stages when
+        # either scale is > 1, and then each stage combines with its own scale.
+        cfg = prior_scale > 1.0 or decoder_scale > 1.0
+
+        # ---- text
+        if prompt is not None:
+            text_embeds, text_hidden, text_mask = self.encode_prompt(prompts, n, guidance=cfg)
+        else:
+            text_embeds, text_hidden, text_mask = self._text_from_output(text_model_output, text_attention_mask, n, cfg)
+
+        # ---- prior
+        image_embeds = self._prior_stage(text_embeds, text_hidden, text_mask, rows, k, cfg, prior_scale, steps,
+                                         sampler_of, eta_of, prior_latents, generator, callback, progress)
+        # ---- decoder
+        x = self._decoder_stage(image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, decoder_scale, steps,
+                                sampler_of, eta_of, decoder_latents, generator, callback, progress)
+        # ---- upsamplers
+        for up, latents in zip(c.upsamplers, super_res_latents):
+            x = self._super_res_stage(up, x, rows, steps, sampler_of, eta_of, latents, generator, callback, progress)
+
+        images = self._to_output((x * 0.5 + 0.5).clamp(0, 1), output_type)
+        return UnCLIPOutput(images, image_embeds) if return_dict else (images,)
+
+    # ------------------------------------------------------------------ stage builders
+    def _check_sampler(self, s):
+        if s not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {s!r}")
+        return s
+
+    def _check_eta(self, e):
+        e = _check_scale("eta", e)
+        if e < 0:
+            raise ValueError(f"eta must be >= 0; got {e}")
+        return e
+
+    def _text_from_output(self, text_model_output, mask, n, cfg):
+        embeds, hidden = text_model_output[0].to(self.device, self.dtype), text_model_output[1].to(self.device, self.dtype)
+        mask = mask.to(self.device).bool()
+        embeds, hidden, mask = (t.repeat_interleave(n, dim=0) for t in (embeds, hidden, mask))
+        if cfg:
+            u_embeds, u_hidden, u_mask = self.encode_prompt([""], 1, guidance=False)
+            rows = embeds.shape[0]
+            embeds = torch.cat([u_embeds.expand(rows, -1), embeds])
+            hidden = torch.cat([u_hidden.expand(rows, -1, -1), hidden])
+            mask = torch.cat([u_mask.expand(rows, -1), mask])
+        return embeds, hidden, mask
+
+    def _prior_stage(self, text_embeds, text_hidden, text_mask, rows, k, cfg, scale, steps, sampler_of, eta_of,
+                     latents, generator, callback, progress):
+        c = self.components
+        prior = c.prior
+        dim = prior.config.embedding_dim
+        plan = self._plan(c.prior_scheduler, steps["prior"], sampler_of["prior"], eta_of["prior"])
+        if k > 1:  # candidates: every text row repeated k times (rows stay grouped per image)
+            text_embeds, text_hidden, text_mask = (t.repeat_interleave(k, dim=0) for t in (text_embeds, text_hidden, text_mask))
+        x = self._initial((rows * k, dim), latents, generator, "prior_latents")
+
+        def call(x_in, t, i):
+            return prior(x_in.to(self.dtype), t, text_embeds, text_hidden, text_mask)
+        denoise = guided(call, scale) if cfg else call
+        x = self._run("prior", plan, x, denoise, generator, callback, progress)
+        embeds = prior.post_process_latents(x.to(self.dtype))
+        if k > 1:
+            cond = text_embeds[-rows * k:].reshape(rows, k, -1)[:, 0]
+            cand = embeds.reshape(rows, k, -1)
+            score = (F.normalize(cand.float(), dim=-1) * F.normalize(cond.float(), dim=-1)[:, None]).sum(-1)
+            embeds = cand[torch.arange(rows, device=embeds.device), score.argmax(dim=1)]
+        return embeds
+
+    def _decoder_stage(self, image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale, steps, sampler_of,
+                       eta_of, latents, generator, callback, progress):
+        c = self.components
+        k = text_embeds.shape[0] // (rows * (2 if cfg else 1))
+        if k > 1:  # undo the candidate repetition done for the prior
+            text_embeds, text_hidden, text_mask = (t[::k] for t in (text_embeds, text_hidden, text_mask))
+        context, time_embed = c.text_proj(image_embeds, text_embeds, text_hidden, cfg)
+        extra = context.shape[1] - text_mask.shape[1]
+        mask = F.pad(text_mask, (extra, 0), value=True)
+        dec = c.decoder
+        size, channels = dec.config.sample_size, dec.config.in_channels
+        plan = self._plan(c.decoder_scheduler, steps["decoder"], sampler_of["decoder"], eta_of["decoder"])
+        x = self._initial((rows, channels, size, size), latents, generator, "decoder_latents")
+
+        def call(x_in, t, i):
+            return dec(x_in.to(self.dtype), t, context, time_embed, mask)
+        learned = channels if c.decoder_scheduler.variance_type == "learned_range" else None
+        denoise = guided(call, scale, learned_variance_channels=learned) if cfg else call
+        x = self._run("decoder", plan, x, denoise, generator, callback, progress)
+        return x.clamp(-1, 1)
+
+    def _super_res_stage(self, up, low_res, rows, steps, sampler_of, eta_of, latents, generator, callback, progress):
+        size = up.first.config.sample_size
+        channels = up.first.config.in_channels // 2
+        plan = self._plan(up.scheduler, steps[up.name], sampler_of[up.name], eta_of[up.name])
+        x = self._initial((rows, channels, size, size), latents, generator,
+                          "super_res_latents" if up.name == "super_res" else f"super_res_latents[{up.name}]")
+        upscaled = F.interpolate(low_res.to(self.dtype), size=[size, size], mode="bicubic", align_corners=False,
+                                 antialias=True)
+        last_step = plan.num_steps - 1
+
+        def call(x_in, t, i):
+            net = up.last if i == last_step else up.first  # static per step: capturable
+            return net(torch.cat([x_in.to(self.dtype), upscaled], dim=1), t)
+        return self._run(up.name, plan, x, call, generator, callback, progress)
+
+    # ------------------------------------------------------------------ output
+    @staticmethod
+    def _to_output(images: torch.Tensor, output_type: str):
+        if output_type == "pt":
+            return images.float().cpu()
+        array = images.float().cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "np":
+            return array
+        from PIL import Image
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
