@@ -386,7 +386,7 @@ class SuperResUNetConfig:
     block_out_channels: tuple[int, ...]
     layers_per_block: int  # per down block; every up block has one more
     mid_block_type: str | None = PLAIN_MID  # None: no mid block
-    add_attention: bool = False  # one self-attention layer between the two mid-block resnets
+    add_attention: bool = True  # one self-attention layer between the two mid-block resnets
     attention_head_dim: int | None = 8  # head size of that layer (None: a single head)
     attn_norm_num_groups: int | None = None
     resnet_time_scale_shift: str = "default"

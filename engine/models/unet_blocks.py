@@ -177,8 +177,12 @@ class PixelAttention(nn.Module):
         """x (B, C, H, W); context (B, L, context_dim) for the added-KV variant; context_mask bool (B, L),
         True = attend (pixels are always attended)."""
         batch, channels, height, width = x.shape
-        h = self.group_norm(x) if self.group_norm is not None else x
-        h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        # Normalise the (B, C, HW) view, as diffusers does: on the CPU, group-norm of a 4-D map rounds
+        # differently, and the cascade's first super-resolution step (t = 999, x0 = x/sqrt(ā) with
+        # ā ≈ 2e-9) amplifies even one-ulp differences into visible ones.
+        h = x.flatten(2)
+        h = self.group_norm(h) if self.group_norm is not None else h
+        h = h.transpose(1, 2)  # (B, HW, C)
         q, k, v = self._heads(self.to_q(h)), self._heads(self.to_k(h)), self._heads(self.to_v(h))
         key_padding_mask = None
         if self.add_k_proj is not None:
