@@ -30,7 +30,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("info", help="versions, devices and available backends")
+    for name in _PLUGINS:
+        _plugin(name).add_parser(sub)
     return p
+
+
+# Further subcommands live in their own modules, each with `add_parser(subparsers)` (which registers one or
+# more commands) and `run(args) -> int` (called when `args.command` is one of its `COMMANDS`).
+_PLUGINS: tuple[str, ...] = ()
+
+
+def _plugin(name: str):
+    import importlib
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 def _generate(args) -> int:
@@ -94,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
-        return _info()
+        if args.command == "info":
+            return _info()
+        for name in _PLUGINS:
+            plugin = _plugin(name)
+            if args.command in plugin.COMMANDS:
+                return plugin.run(args)
+        raise AssertionError(args.command)
     except (ValueError, TypeError, NotImplementedError, OSError) as e:
         print(f"unclip: error: {e}", file=sys.stderr)
         return 2

@@ -83,7 +83,8 @@ class Pipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         self.backend = backend
-        self._lock = threading.Lock()  # the torch backend is re-entrant; kept for backends with shared state
+        self._lock = threading.Lock()  # guards the plan cache; calls themselves share no mutable state
+        self._plans: dict = {}  # (schedule, steps, sampler, eta) -> plan: coefficients are computed once
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -139,7 +140,16 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def _plan(self, scheduler, steps, sampler, eta):
-        return samplers.make_plan(scheduler, steps, sampler=sampler, eta=eta, device=self.device)
+        key = (scheduler, steps, sampler, eta)
+        with self._lock:
+            plan = self._plans.get(key)
+        if plan is None:
+            plan = samplers.make_plan(scheduler, steps, sampler=sampler, eta=eta, device=self.device)
+            with self._lock:
+                if len(self._plans) >= 64:  # bounded: a service cycling through step counts must not grow
+                    self._plans.clear()
+                self._plans[key] = plan
+        return plan
 
     def _initial(self, shape, latents, generator, name):
         if latents is None:
@@ -174,7 +184,7 @@ class Pipeline:
         return x
 
     # ------------------------------------------------------------------ call
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
                  prior_num_inference_steps: int = 25, decoder_num_inference_steps: int = 25,
                  super_res_num_inference_steps: int | list[int] = 7, generator=None,
@@ -262,6 +272,38 @@ class Pipeline:
         images = self._to_output((x * 0.5 + 0.5).clamp(0, 1), output_type)
         return UnCLIPOutput(images, image_embeds) if return_dict else (images,)
 
+    # ------------------------------------------------------------------ CLIP latent space (unclip.latent_space)
+    def encode_image(self, images=None, *, pixel_values=None) -> torch.Tensor:
+        """CLIP image embeddings (B, D) of images of any size/mode; see `unclip.latent_space.encode_image`."""
+        from . import latent_space
+        return latent_space.encode_image(self, images, pixel_values=pixel_values)
+
+    def variations(self, image=None, *args, **kwargs):
+        """Image variations, seed-compatible with diffusers' UnCLIPImageVariationPipeline; see
+        `unclip.latent_space.variations`."""
+        from . import latent_space
+        return latent_space.variations(self, image, *args, **kwargs)
+
+    def invert(self, image=None, num_inference_steps: int = 50, **kwargs):
+        """DDIM inversion of the decoder (image → x_T given z_i); see `unclip.latent_space.invert`."""
+        from . import latent_space
+        return latent_space.invert(self, image, num_inference_steps, **kwargs)
+
+    def reconstruct(self, inversion, **kwargs) -> torch.Tensor:
+        """Decode an inversion back with DDIM η = 0; see `unclip.latent_space.reconstruct`."""
+        from . import latent_space
+        return latent_space.reconstruct(self, inversion, **kwargs)
+
+    def interpolate(self, start, end, num: int = 5, **kwargs):
+        """Images along the slerp between two embeddings; see `unclip.latent_space.interpolate`."""
+        from . import latent_space
+        return latent_space.interpolate(self, start, end, num, **kwargs)
+
+    def text_diff(self, image, from_caption: str, to_caption: str, *args, **kwargs):
+        """Edit an image along a caption difference (z_d); see `unclip.latent_space.text_diff`."""
+        from . import latent_space
+        return latent_space.text_diff(self, image, from_caption, to_caption, *args, **kwargs)
+
     # ------------------------------------------------------------------ stage builders
     def _check_sampler(self, s):
         if s not in SAMPLERS:
@@ -308,8 +350,9 @@ class Pipeline:
             embeds = cand[torch.arange(rows, device=embeds.device), score.argmax(dim=1)]
         return embeds
 
-    def _decoder_stage(self, image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale, steps, sampler_of,
-                       eta_of, latents, generator, callback, progress):
+    def _decoder_denoiser(self, image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale):
+        """The decoder's denoise(x, t, i) conditioned on these embeddings (guided when `cfg`); shared by the
+        decoder stage and the latent-space tools (DDIM inversion, decoding from given latents)."""
         c = self.components
         k = text_embeds.shape[0] // (rows * (2 if cfg else 1))
         if k > 1:  # undo the candidate repetition done for the prior
@@ -318,14 +361,20 @@ class Pipeline:
         extra = context.shape[1] - text_mask.shape[1]
         mask = F.pad(text_mask, (extra, 0), value=True)
         dec = c.decoder
-        size, channels = dec.config.sample_size, dec.config.in_channels
-        plan = self._plan(c.decoder_scheduler, steps["decoder"], sampler_of["decoder"], eta_of["decoder"])
-        x = self._initial((rows, channels, size, size), latents, generator, "decoder_latents")
 
         def call(x_in, t, i):
             return dec(x_in.to(self.dtype), t, context, time_embed, mask)
-        learned = channels if c.decoder_scheduler.variance_type == "learned_range" else None
-        denoise = guided(call, scale, learned_variance_channels=learned) if cfg else call
+        learned = dec.config.in_channels if c.decoder_scheduler.variance_type == "learned_range" else None
+        return guided(call, scale, learned_variance_channels=learned) if cfg else call
+
+    def _decoder_stage(self, image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale, steps, sampler_of,
+                       eta_of, latents, generator, callback, progress):
+        c = self.components
+        denoise = self._decoder_denoiser(image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale)
+        dec = c.decoder
+        size, channels = dec.config.sample_size, dec.config.in_channels
+        plan = self._plan(c.decoder_scheduler, steps["decoder"], sampler_of["decoder"], eta_of["decoder"])
+        x = self._initial((rows, channels, size, size), latents, generator, "decoder_latents")
         x = self._run("decoder", plan, x, denoise, generator, callback, progress)
         return x.clamp(-1, 1)
 

@@ -25,6 +25,30 @@ def _clip_text(vocab_size, width, layers, heads, projection_dim, max_positions=7
             "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 
+def _clip_vision(width, layers, heads, projection_dim, image_size, patch_size):
+    return {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
+            "hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "projection_dim": projection_dim, "image_size": image_size,
+            "patch_size": patch_size, "num_channels": 3, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+
+
+# openai/clip-vit-large-patch14's preprocessor_config.json, which Karlo's image-variation release ships as
+# feature_extractor/ (legacy keys: int sizes, CLIPFeatureExtractor).
+CLIP_VIT_L14_PREPROCESSOR = {
+    "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
+
+
+def _clip_preprocessor(size):
+    """CLIP's recipe (shortest side to `size`, bicubic, center crop, OpenAI mean/std) in current keys."""
+    return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
+            "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,
+            "crop_size": {"height": size, "width": size}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
 def _prior(heads, head_dim, layers, embedding_dim):
     return {"_class_name": "PriorTransformer", "num_attention_heads": heads, "attention_head_dim": head_dim,
             "num_layers": layers, "embedding_dim": embedding_dim, "num_embeddings": 77, "additional_embeddings": 4,
@@ -70,6 +94,8 @@ def preset_configs(name: str) -> dict:
             "text_proj": _text_proj(32, 128, 64),
             "decoder": _decoder(16, (32, 64), 1, 64, 16, groups=8),
             "super_res": [_super_res(32, (32, 64), 1, groups=8)],
+            "image_encoder": _clip_vision(32, 2, 2, 32, 32, 8),
+            "feature_extractor": _clip_preprocessor(32),
         }
     if name == "karlo":
         return {
@@ -78,6 +104,8 @@ def preset_configs(name: str) -> dict:
             "text_proj": _text_proj(768, 1536, 1536),
             "decoder": _decoder(64, (320, 640, 960, 1280), 3, 1536, 64),
             "super_res": [_super_res(256, (320, 640, 960, 1280), 3)],
+            "image_encoder": _clip_vision(1024, 24, 16, 768, 224, 14),  # CLIP ViT-L/14 (DESIGN §2)
+            "feature_extractor": dict(CLIP_VIT_L14_PREPROCESSOR),
         }
     if name == "dalle2":
         # Paper sizes: prior ~1B, decoder ~3.5B, 64→256 ~700M, 256→1024 ~300M (the last two conv-only).
@@ -87,6 +115,8 @@ def preset_configs(name: str) -> dict:
             "text_proj": _text_proj(768, 2560, 2048),
             "decoder": _decoder(64, (640, 1280, 1920, 2560), 3, 2048, 64),
             "super_res": [_super_res(256, (320, 640, 960, 1280), 3), _super_res(1024, (224, 448, 672, 896), 2)],
+            "image_encoder": _clip_vision(1024, 24, 16, 768, 224, 14),
+            "feature_extractor": dict(CLIP_VIT_L14_PREPROCESSOR),
         }
     raise ValueError(f"preset name must be one of {', '.join(PRESETS)}; got {name!r}")
 
@@ -151,13 +181,19 @@ def build_components(configs: dict, *, seed: int = 0, device="cpu", dtype: torch
         # Karlo's first upsampler has a separate last-step network; later upsamplers reuse one.
         last = build("super_res", sr_cfg, f"{name}_last") if i == 0 else first
         upsamplers.append(Upsampler(name, first, last, sr_schedulers[i]))
+    has_prior = configs.get("prior") is not None  # None: an image-variation cascade (no prior)
     return Components(
         tokenizer=tokenizer,
         text_encoder=build("text_encoder", text_cfg, "text_encoder"),
-        prior=build("prior", configs["prior"], "prior"),
-        prior_scheduler=PRIOR_SCHEDULER,
+        prior=build("prior", configs["prior"], "prior") if has_prior else None,
+        prior_scheduler=PRIOR_SCHEDULER if has_prior else None,
         text_proj=build("text_proj", configs["text_proj"], "text_proj"),
         decoder=build("decoder", configs["decoder"], "decoder"),
         decoder_scheduler=DECODER_SCHEDULER,
         upsamplers=upsamplers,
+        # Built last, so adding it left every other network's random weights as they were.
+        image_encoder=(build("image_encoder", configs["image_encoder"], "image_encoder")
+                       if configs.get("image_encoder") is not None else None),
+        image_processor_config=(dict(configs["feature_extractor"])
+                                if configs.get("feature_extractor") is not None else None),
     )

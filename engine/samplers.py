@@ -291,14 +291,15 @@ def make_plan(schedule=None, num_inference_steps: int | None = None, *, sampler:
     variance = (b_s / b_t) * (1 - a_t / a_s)
     sigma = eta * variance ** 0.5
     radicand = 1 - a_s - sigma ** 2
-    if bool((radicand < 0).any()):
+    # eta <= 1 keeps the radicand >= 0 in exact arithmetic; float32 can leave it a rounding error below.
+    if bool((radicand < -1e-6).any()):
         raise ValueError(f"eta={eta!r} is too large for this schedule: σ² exceeds 1 - ā at some step "
                          "(eta <= 1 is always valid)")
     return DDIMPlan(
         timesteps=on_device(t), draws_noise=(sigma > 0).tolist(), eta=float(eta),
         use_clipped_model_output=use_clipped_model_output,
         sqrt_alpha_bar=on_device(sqrt_a_t), sqrt_one_minus_alpha_bar=on_device(sqrt_b_t),
-        sqrt_alpha_bar_prev=on_device(a_s ** 0.5), direction_coef=on_device(radicand ** 0.5),
+        sqrt_alpha_bar_prev=on_device(a_s ** 0.5), direction_coef=on_device(radicand.clamp(min=0) ** 0.5),
         noise_std=on_device(sigma), **common)
 
 

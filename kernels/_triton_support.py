@@ -74,8 +74,9 @@ def multiprocessor_count(device_index: int) -> int:
 
 
 def parallel_slots(device: torch.device) -> int:
-    """Rough number of programs the device runs at once (used to size grids); a fixed guess off-GPU."""
+    """Rough number of programs the device runs at once (used to size grids). The CPU interpreter runs
+    programs one after another, so there the fewest, largest programs are fastest."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return 4 * multiprocessor_count(index)
-    return 64
+    return 1

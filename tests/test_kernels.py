@@ -315,6 +315,59 @@ def test_use_kernels_swaps_every_instance_and_matches_the_reference():
     assert max_rel_err(got, expected) <= 1e-5
 
 
+def _modules_of(obj, depth=0):
+    """Every top-level nn.Module reachable from a pipeline's components (fields, lists, small objects)."""
+    if isinstance(obj, nn.Module):
+        yield obj
+    elif depth < 3 and isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _modules_of(item, depth + 1)
+    elif depth < 3 and hasattr(obj, "__dict__"):
+        for value in vars(obj).values():
+            yield from _modules_of(value, depth + 1)
+
+
+def test_tiny_pipeline_with_kernels_equals_the_torch_backend():
+    """The whole tiny cascade (CLIP, prior, decoder, both super-res U-Nets) with the kernels swapped in.
+    Every kernel call is checked against the reference on the very inputs the pipeline feeds it; the
+    images are compared too, with a tolerance that allows for the tiny random cascade amplifying fp32
+    rounding: kernel errors <= 5e-7 here end as ~5e-4 in the images, the same size as the difference
+    between two torch-backend runs whose weights differ only in memory alignment (seen in test_loading)."""
+    unclip = pytest.importorskip("unclip")
+    if not hasattr(unclip, "Pipeline"):
+        pytest.skip("unclip.Pipeline is not available")
+    steps = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
+    reference = unclip.Pipeline.from_preset("tiny", seed=0, device=DEVICE)
+    fast = unclip.Pipeline.from_preset("tiny", seed=0, device=DEVICE)
+    errors = {"attention": [], "group_norm": []}
+
+    def checked(kernel, ref, kind):
+        def impl(*args, **kwargs):
+            out = kernel(*args, **kwargs)
+            errors[kind].append(max_rel_err(out, ref(*args, **kwargs)))
+            return out
+        return impl
+
+    for model in _modules_of(fast.components):
+        K.use_kernels(model)
+        for m in model.modules():
+            if isinstance(m, Attend):
+                m.impl = checked(m.impl, attention_reference, "attention")
+            elif isinstance(m, GroupNorm):
+                m.impl = checked(m.impl, group_norm_reference, "group_norm")
+
+    def images(pipe):
+        return pipe("a red square", generator=torch.Generator().manual_seed(0), output_type="pt", progress=False,
+                    **steps).images
+
+    with torch.no_grad():
+        expected, got = images(reference), images(fast)
+    assert len(errors["attention"]) > 0 and len(errors["group_norm"]) > 0, "the kernels were never called"
+    assert max(errors["attention"]) <= 1e-5 and max(errors["group_norm"]) <= 1e-5, errors
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max().item() <= 2e-3
+
+
 def test_use_kernels_without_triton_says_what_is_missing(monkeypatch):
     monkeypatch.setattr(_triton_support, "triton_installed", lambda: False)
     with pytest.raises(RuntimeError, match="triton.*not installed"):
