@@ -71,13 +71,36 @@ def _per_stage(name: str, value, stages: list[str], default, check: Callable) ->
     return {s: check(value) for s in stages}
 
 
+def networks(c: Components) -> list[torch.nn.Module]:
+    """Every network of a cascade, once each (the last-step upsampler may be the first one)."""
+    nets = [c.text_encoder, c.prior, c.text_proj, c.decoder, c.image_encoder]
+    for up in c.upsamplers:
+        nets += [up.first, up.last]
+    unique = {id(n): n for n in nets if n is not None}
+    return list(unique.values())
+
+
+def _use_fast_kernels(c: Components, device: torch.device) -> None:
+    """The `fast` backend: the same modules with the Triton kernels at their attention and group-norm swap
+    points. Needs CUDA, or TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (for testing)."""
+    import os
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'fast' runs Triton kernels: it needs a CUDA device (got {device}), or "
+                         "TRITON_INTERPRET=1 to run them in Triton's CPU interpreter; use backend='torch' here")
+    from .kernels import use_kernels
+    for net in networks(c):
+        use_kernels(net)
+
+
 class Pipeline:
     """The unCLIP cascade. Build with `from_pretrained(dir)` or `from_preset(name)`, then call with a prompt."""
 
     def __init__(self, components: Components, *, device="cpu", dtype=torch.float32, backend: str = "torch"):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        if backend != "torch":
+        if backend == "fast":
+            _use_fast_kernels(components, torch.device(device))
+        elif backend != "torch":
             raise NotImplementedError(f"backend {backend!r} is not available yet in this version")
         self.components = components
         self.device = torch.device(device)

@@ -2,8 +2,10 @@
 
     attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None)           # kernels/attention.py
     group_norm(x, num_groups, weight, bias, eps, *, silu=False, scale=None, shift=None)  # kernels/group_norm.py
-    use_kernels(module) -> module   # swap the kernels into every Attend / GroupNorm of a model
+    use_kernels(module) -> module   # swap the kernels into every Attend / GroupNorm    # kernels/wiring.py
     torch.ops.unclip.attention / torch.ops.unclip.group_norm                          # kernels/ops.py
+
+The Triton code itself is in _attention_triton.py and _group_norm_triton.py, imported lazily.
 
 Importing this package needs neither Triton nor a GPU: Triton is imported when a kernel first runs, and
 a kernel that cannot run says what is missing (Triton not installed, or CPU tensors without

@@ -315,18 +315,6 @@ def test_use_kernels_swaps_every_instance_and_matches_the_reference():
     assert max_rel_err(got, expected) <= 1e-5
 
 
-def _modules_of(obj, depth=0):
-    """Every top-level nn.Module reachable from a pipeline's components (fields, lists, small objects)."""
-    if isinstance(obj, nn.Module):
-        yield obj
-    elif depth < 3 and isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _modules_of(item, depth + 1)
-    elif depth < 3 and hasattr(obj, "__dict__"):
-        for value in vars(obj).values():
-            yield from _modules_of(value, depth + 1)
-
-
 def test_tiny_pipeline_with_kernels_equals_the_torch_backend():
     """The whole tiny cascade (CLIP, prior, decoder, both super-res U-Nets) with the kernels swapped in.
     Every kernel call is checked against the reference on the very inputs the pipeline feeds it; the
@@ -338,7 +326,7 @@ def test_tiny_pipeline_with_kernels_equals_the_torch_backend():
         pytest.skip("unclip.Pipeline is not available")
     steps = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
     reference = unclip.Pipeline.from_preset("tiny", seed=0, device=DEVICE)
-    fast = unclip.Pipeline.from_preset("tiny", seed=0, device=DEVICE)
+    fast = unclip.Pipeline.from_preset("tiny", seed=0, device=DEVICE, backend="fast")
     errors = {"attention": [], "group_norm": []}
 
     def checked(kernel, ref, kind):
@@ -348,9 +336,11 @@ def test_tiny_pipeline_with_kernels_equals_the_torch_backend():
             return out
         return impl
 
-    for model in _modules_of(fast.components):
-        K.use_kernels(model)
+    from unclip.pipeline import networks
+    for model in networks(fast.components):
         for m in model.modules():
+            if isinstance(m, (Attend, GroupNorm)):  # the backend swapped every swap point
+                assert m.impl in (K.kernel_attention, K.kernel_group_norm), (type(model).__name__, m)
             if isinstance(m, Attend):
                 m.impl = checked(m.impl, attention_reference, "attention")
             elif isinstance(m, GroupNorm):
@@ -366,6 +356,14 @@ def test_tiny_pipeline_with_kernels_equals_the_torch_backend():
     assert max(errors["attention"]) <= 1e-5 and max(errors["group_norm"]) <= 1e-5, errors
     assert torch.isfinite(got).all()
     assert (got - expected).abs().max().item() <= 2e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_fast_backend_without_cuda_or_interpreter_says_so(monkeypatch):
+    import unclip
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="backend 'fast' runs Triton kernels: it needs a CUDA device"):
+        unclip.Pipeline.from_preset("tiny", backend="fast")
 
 
 def test_use_kernels_without_triton_says_what_is_missing(monkeypatch):

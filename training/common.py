@@ -260,6 +260,9 @@ class Schedule:
 # ------------------------------------------------------------------------------------------ bookkeeping
 
 def seed_everything(seed: int) -> np.random.Generator:
+    # One thread: these networks are small, and on a shared 2-core machine two threads that wait for each
+    # other run up to 10x slower than one. Stages that are independent run as parallel processes instead.
+    torch.set_num_threads(int(os.environ.get("TOY_THREADS", "1")))
     random.seed(seed)
     torch.manual_seed(seed)
     return np.random.default_rng(seed)

@@ -1,0 +1,605 @@
+"""Export a cascade to ONNX: one graph per network plus a manifest, so the output folder is self-contained.
+
+Layout of the output folder (`OUT`):
+
+    manifest.json                      formats, versions, configs, schedulers, file hashes, graph I/O
+    tokenizer/                         vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+    text_encoder/model.onnx            (+ model.onnx.data: the weights, as ONNX external data)
+    image_encoder/model.onnx           only for image-variation cascades
+    prior/model.onnx, prior/clip_stats.safetensors   (the un-normalisation the sampler applies afterwards)
+    text_proj/model.onnx
+    decoder/model.onnx
+    super_res_first/model.onnx, super_res_last/model.onnx, super_res_2_first/model.onnx, ...
+
+Exporter: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript). Compared with the legacy
+TorchScript tracer it gives cleaner graphs for TensorRT's parser: weights are initializers instead of
+hundreds of `Constant` nodes, the batch dimension is one named symbol (no `Shape`/`Gather`/`Mod` chains
+rebuilt per op), and torch.export proves the graph valid for every batch size in the declared range
+instead of tracing one size and baking Python-side shape arithmetic in. It is also the maintained path
+(the tracer is deprecated since torch 2.9). It needs opset >= 18 (its graphs use opset-18 `Split`), and
+it is slower to export (seconds per small network on a CPU).
+
+Graph conventions (shared by the ONNX Runtime and TensorRT backends, see `unclip.export.networks`):
+every input and output has a dynamic leading "batch" axis, all other axes are static (the resolution and
+token counts of the exported configs); float inputs and outputs are in the export dtype, except timesteps,
+which are float32 (B,) (exact for integer timesteps, fractional ones allowed); token ids are int32;
+masks are bool (True = attend). Attention is written as explicit MatMul/Softmax/MatMul with masked logits
+set to the dtype's lowest finite value (no -inf, so fully masked rows stay finite), and half-precision
+group norms are computed in float32 and cast back (as PyTorch's kernels accumulate) - see
+`_export_friendly`. Every op is checked against the ONNX-TensorRT operator matrix (`TENSORRT_OPS`).
+
+Writing is atomic: everything goes to a temporary sibling folder that is renamed to `OUT` only after the
+last file is written and checked, so an unsupported config, a full disk or an interruption (Ctrl-C)
+leaves no half-written `OUT` (and an existing export is replaced only on success).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, ConfigError
+from ..loading import Components, _model_classes
+from ..models.layers import Attend, GroupNorm
+from ..weights import write_json
+
+FORMAT = "unclip-onnx"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH_FILE = "model.onnx"
+CLIP_STATS_FILE = "clip_stats.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_OPSET = 18
+OPSETS = range(18, 24)  # the exporter's graphs need >= 18; TensorRT 10.15 parses opsets 9..24
+MAX_BATCH = 4096  # upper end of the symbolic batch range torch.export proves the graphs for
+EXPORTER = "torch.onnx.export(dynamo=True)"
+
+# ONNX ops our graphs may contain, each listed as supported (with the types we use) in the ONNX-TensorRT
+# operator matrix for TensorRT 10.15 (onnx/onnx-tensorrt docs/operators.md). A graph with any other op is
+# flagged in the manifest and refused by the TensorRT builder before it starts.
+TENSORRT_OPS = frozenset({
+    "Add", "And", "ArgMax", "AveragePool", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "Cos",
+    "Div", "Equal", "Erf", "Exp", "Expand", "Flatten", "Gather", "GatherElements", "GatherND", "Gemm",
+    "Identity", "InstanceNormalization", "GroupNormalization", "LayerNormalization", "Less", "MatMul", "Max",
+    "Min", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "Range", "ReduceMax", "ReduceMean", "ReduceSum", "Reshape",
+    "Resize", "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose",
+    "Trilu", "Unsqueeze", "Where", "Shape", "IsNaN",
+})
+
+_log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """The export could not be completed (the output folder was left untouched)."""
+
+
+# ------------------------------------------------------------------------------------ export-friendly ops
+
+def attention_for_export(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                         key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """`attention_reference` as plain MatMul/Softmax/MatMul, the pattern TensorRT fuses into its attention
+    kernels. Masked logits get the lowest finite value instead of -inf: a row with no visible key then
+    becomes a uniform average instead of NaN (PyTorch returns 0 there; such rows are never read)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q * scale, k.transpose(-1, -2))
+    visible = None
+    if key_padding_mask is not None:
+        visible = key_padding_mask[:, None, None, :].to(torch.bool)
+    if causal:
+        lq, lk = q.shape[-2], k.shape[-2]
+        tri = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        visible = tri if visible is None else visible & tri
+    if visible is not None:
+        logits = logits.masked_fill(~visible, torch.finfo(logits.dtype).min)
+    return torch.matmul(torch.softmax(logits, dim=-1), v)
+
+
+def group_norm_for_export(x, num_groups, weight, bias, eps, *, silu=False, scale=None, shift=None):
+    """`group_norm_reference`, with half-precision statistics computed in float32 as PyTorch's kernels do
+    (a half-precision InstanceNormalization in the graph would accumulate in half on some runtimes)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        h = F.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
+                         None if bias is None else bias.float(), eps).to(x.dtype)
+    else:
+        h = F.group_norm(x, num_groups, weight, bias, eps)
+    if scale is not None:
+        if scale.dim() == 2:
+            scale, shift = scale[:, :, None, None], shift[:, :, None, None]
+        h = h * (1 + scale) + shift
+    return F.silu(h) if silu else h
+
+
+@contextlib.contextmanager
+def _export_friendly(module: nn.Module):
+    """Swap every attention / group-norm implementation of `module` for the export forms above (whatever a
+    backend may have installed, e.g. Triton kernels), restoring them afterwards."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, Attend):
+            saved.append((m, m.impl))
+            m.impl = attention_for_export
+        elif isinstance(m, GroupNorm):
+            saved.append((m, m.impl))
+            m.impl = group_norm_for_export
+    try:
+        yield
+    finally:
+        for m, impl in saved:
+            m.impl = impl
+
+
+# ------------------------------------------------------------------------------------ per-network adapters
+# Each adapter gives one network a flat, tensor-only signature in the graph conventions above.
+
+class _TextEncoderGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids)
+
+
+class _ImageEncoderGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values)
+
+
+class _PriorGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask):
+        return self.model(hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask)
+
+
+class _TextProjGraph(nn.Module):
+    """text_proj with guidance expressed as data: rows flagged `is_uncond` take the learned unconditional
+    embedding (bit-identical to the module's own concatenation), so one graph serves both modes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embeddings, is_uncond, prompt_embeds, text_encoder_hidden_states):
+        learned = self.model.learned_classifier_free_guidance_embeddings.to(image_embeddings.dtype)
+        image_embeddings = torch.where(is_uncond[:, None], learned[None, :], image_embeddings)
+        return self.model(image_embeddings, prompt_embeds, text_encoder_hidden_states, False)
+
+
+class _DecoderGraph(nn.Module):
+    def __init__(self, model, use_context: bool, use_class: bool):
+        super().__init__()
+        self.model, self.use_context, self.use_class = model, use_context, use_class
+
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels, attention_mask):
+        return self.model(sample, timestep, encoder_hidden_states if self.use_context else None,
+                          class_labels if self.use_class else None, attention_mask if self.use_context else None)
+
+
+class _SuperResGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep):
+        return self.model(sample, timestep)
+
+
+@dataclass
+class GraphSpec:
+    """One graph to export: the folder name, the network kind, the module, its adapter and example inputs."""
+    name: str
+    kind: str  # text_encoder | image_encoder | prior | text_proj | decoder | super_res
+    module: nn.Module
+    adapter: nn.Module
+    inputs: dict  # name -> example tensor (batch 2), in graph order
+    outputs: tuple[str, ...]
+
+
+def _require(cond: bool, what: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{what}: {message} (cannot export this config to ONNX)")
+
+
+def _static_size(module, what: str) -> int:
+    size = module.config.sample_size
+    _require(size is not None, what, "config key 'sample_size' is null; ONNX graphs need a fixed resolution")
+    if isinstance(size, tuple):
+        _require(size[0] == size[1], what, f"config key 'sample_size' = {list(size)} is not square; the "
+                                           "pipeline samples square images")
+        size = size[0]
+    return int(size)
+
+
+def graph_specs(c: Components, dtype: torch.dtype) -> list[GraphSpec]:
+    """Every graph of cascade `c`, validated for export (raises ConfigError naming the network and key)."""
+    gen = torch.Generator().manual_seed(0)
+    B = 2  # torch.export specialises sizes 0 and 1; 2 keeps the batch symbolic
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    specs = []
+    tokens = int(c.tokenizer.model_max_length)
+    te = c.text_encoder
+    _require(tokens <= te.config.max_position_embeddings, "text_encoder",
+             f"the tokenizer pads to {tokens} tokens but max_position_embeddings = {te.config.max_position_embeddings}")
+    ids = torch.randint(0, te.config.vocab_size, (B, tokens), generator=gen, dtype=torch.int32)
+    specs.append(GraphSpec("text_encoder", "text_encoder", te, _TextEncoderGraph(te), {"input_ids": ids},
+                           ("text_embeds", "last_hidden_state")))
+    if c.image_encoder is not None:
+        ie = c.image_encoder
+        s = ie.config.image_size
+        specs.append(GraphSpec("image_encoder", "image_encoder", ie, _ImageEncoderGraph(ie),
+                               {"pixel_values": rand(B, ie.config.num_channels, s, s)},
+                               ("image_embeds", "last_hidden_state")))
+    if c.prior is not None:
+        p = c.prior
+        pc = p.config
+        _require(pc.num_embeddings == tokens, "prior", f"config key 'num_embeddings' = {pc.num_embeddings} differs "
+                                                       f"from the tokenizer's {tokens} tokens")
+        mask = torch.ones(B, tokens, dtype=torch.bool)
+        mask[0, tokens // 2:] = False
+        specs.append(GraphSpec("prior", "prior", p, _PriorGraph(p), {
+            "hidden_states": rand(B, pc.embedding_dim),
+            "timestep": torch.tensor([999.0, 3.0]),
+            "proj_embedding": rand(B, pc.embedding_proj_dim or pc.embedding_dim),
+            "encoder_hidden_states": rand(B, tokens, pc.embedding_dim),
+            "attention_mask": mask,
+        }, ("predicted_image_embedding",)))
+    tp = c.text_proj
+    tc = tp.config
+    specs.append(GraphSpec("text_proj", "text_proj", tp, _TextProjGraph(tp), {
+        "image_embeddings": rand(B, tc.clip_embeddings_dim),
+        "is_uncond": torch.tensor([True, False]),
+        "prompt_embeds": rand(B, tc.clip_embeddings_dim),
+        "text_encoder_hidden_states": rand(B, tokens, tc.clip_embeddings_dim),
+    }, ("encoder_hidden_states", "additive_time_embedding")))
+
+    dec = c.decoder
+    dc = dec.config
+    size = _static_size(dec, "decoder")
+    context = tc.clip_extra_context_tokens + tokens
+    use_context = dec.has_attention
+    use_class = dc.class_embed_type == "identity"
+    if use_context:
+        _require(dc.cross_attention_dim == tc.cross_attention_dim, "decoder",
+                 f"cross_attention_dim = {dc.cross_attention_dim} differs from text_proj's {tc.cross_attention_dim}")
+    dmask = torch.ones(B, context, dtype=torch.bool)
+    dmask[0, context // 2:] = False
+    specs.append(GraphSpec("decoder", "decoder", dec, _DecoderGraph(dec, use_context, use_class), {
+        "sample": rand(B, dc.in_channels, size, size),
+        "timestep": torch.tensor([999.0, 3.0]),
+        "encoder_hidden_states": rand(B, context, dc.cross_attention_dim or tc.cross_attention_dim),
+        "class_labels": rand(B, dc.time_embed_dim),
+        "attention_mask": dmask,
+    }, ("out_sample",)))
+
+    for i, up in enumerate(c.upsamplers):
+        prefix = "super_res" if i == 0 else f"super_res_{i + 1}"
+        nets = [("first", up.first)] + ([("last", up.last)] if up.last is not up.first else [])
+        for which, net in nets:
+            name = f"{prefix}_{which}"
+            s = _static_size(net, name)
+            specs.append(GraphSpec(name, "super_res", net, _SuperResGraph(net), {
+                "sample": rand(B, net.config.in_channels, s, s),
+                "timestep": torch.tensor([999.0, 3.0]),
+            }, ("out_sample",)))
+        if up.last is not up.first:
+            _require(_static_size(up.last, f"{prefix}_last") == _static_size(up.first, f"{prefix}_first"),
+                     f"{prefix}_last", "sample_size differs from the first network's")
+    return specs
+
+
+# ------------------------------------------------------------------------------------------ file helpers
+
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def _file_entries(root: str, folder: str) -> dict:
+    """{relative path: {sha256, bytes}} for every file under root/folder."""
+    out = {}
+    base = os.path.join(root, folder)
+    for dirpath, _, names in os.walk(base):
+        for n in sorted(names):
+            full = os.path.join(dirpath, n)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            out[rel] = {"sha256": sha256_file(full), "bytes": os.path.getsize(full)}
+    return out
+
+
+def graph_hash(files: dict) -> str:
+    """One digest for a graph and its external data (keys the TensorRT engine cache)."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel}\0{files[rel]['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    import platform
+
+    from .. import __version__
+    out = {"unclip": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # optional at export time
+            out[mod] = None
+    return out
+
+
+_ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool", 11: "float64"}
+
+
+def _io_description(values) -> list[dict]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": _ONNX_TYPES.get(t.elem_type, str(t.elem_type)), "shape": shape})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+def _export_graph(spec: GraphSpec, folder: str, opset: int) -> dict:
+    """Write spec's graph to folder/model.onnx (+ .data); check it; return its manifest entry (sans hashes)."""
+    import onnx
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, GRAPH_FILE)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    args = tuple(spec.inputs.values())
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed" notices
+    try:
+        with _export_friendly(spec.module), warnings.catch_warnings():
+            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
+            program = torch.onnx.export(
+                spec.adapter.eval(), args, dynamo=True, opset_version=opset, verbose=False, optimize=True,
+                input_names=list(spec.inputs), output_names=list(spec.outputs),
+                dynamic_shapes=tuple({0: batch} for _ in args))
+        program.save(path, external_data=True)
+    except (OSError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # the exporter's own failures: say which network
+        raise ExportError(f"{spec.name}: ONNX export failed: {type(e).__name__}: {e}") from e
+    finally:
+        registration.setLevel(level)
+
+    onnx.checker.check_model(path, full_check=True)
+    model = onnx.load(path, load_external_data=False)
+    inputs, outputs = _io_description(model.graph.input), _io_description(model.graph.output)
+    for io in inputs + outputs:
+        if not io["shape"] or not isinstance(io["shape"][0], str):
+            raise ExportError(f"{spec.name}: graph {io['name']!r} has no dynamic batch axis ({io['shape']})")
+    ops = sorted({n.op_type for n in model.graph.node} | {
+        n.op_type for f in model.functions for n in f.node})
+    domains = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    return {"graph": f"{spec.name}/{GRAPH_FILE}", "inputs": inputs, "outputs": outputs, "ops": ops,
+            "custom_domains": domains, "model_functions": len(model.functions),
+            "tensorrt_unsupported_ops": sorted(set(ops) - TENSORRT_OPS) + domains}
+
+
+def _save_clip_stats(prior, folder: str) -> None:
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    save_file({"clip_mean": prior.clip_mean.detach().cpu().contiguous().clone(),
+               "clip_std": prior.clip_std.detach().cpu().contiguous().clone()},
+              os.path.join(folder, CLIP_STATS_FILE))
+
+
+def _check_dtype(c: Components, dtype: torch.dtype) -> None:
+    for name in ("text_encoder", "image_encoder", "prior", "text_proj", "decoder"):
+        m = getattr(c, name)
+        if m is not None:
+            got = next(m.parameters()).dtype
+            if got != dtype:
+                raise ValueError(f"components.{name} is {got}, but dtype={dtype} was asked; load or build the "
+                                 "components in the export dtype")
+
+
+def resolve_dtype(dtype) -> tuple[str, torch.dtype]:
+    if isinstance(dtype, torch.dtype):
+        names = {v: k for k, v in DTYPES.items()}
+        if dtype in names:
+            return names[dtype], dtype
+    elif dtype in DTYPES:
+        return dtype, DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+
+
+def _prepare_out(out: str, overwrite: bool) -> str:
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise FileExistsError(f"out: {out} exists and is not a folder")
+        entries = os.listdir(out)
+        if entries and not os.path.isfile(os.path.join(out, MANIFEST)):
+            raise FileExistsError(f"out: {out} exists and is not an unclip ONNX export (no {MANIFEST}); "
+                                  "choose a new folder")
+        if entries and not overwrite:
+            raise FileExistsError(f"out: {out} already holds an export; pass overwrite=True (--overwrite) to "
+                                  "replace it")
+    return out
+
+
+def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, overwrite: bool = False,
+                progress: Callable[[str], None] | None = None, _after_graph: Callable | None = None) -> str:
+    """Export every network of a cascade to ONNX under `out`; returns the absolute path of `out`.
+
+    source: a diffusers-layout folder (loaded in `dtype`) or a `Components` already in `dtype`.
+    dtype: "fp32" or "fp16" (the precision of weights, activations and graph I/O; timesteps stay fp32).
+    opset: ONNX opset, 18..23. overwrite: replace an existing export at `out` (only on success).
+    progress: called with a line of text per step. Raises ConfigError (unsupported config, before anything
+    is written), ExportError, OSError; on any failure `out` is left as it was.
+    """
+    name, torch_dtype = resolve_dtype(dtype)
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
+        raise ValueError(f"opset must be an int in {OPSETS.start}..{OPSETS.stop - 1}; got {opset!r}")
+    out = _prepare_out(out, overwrite)
+    say = progress or (lambda line: _log.info(line))
+
+    if isinstance(source, Components):
+        components = source
+        _check_dtype(components, torch_dtype)
+    elif isinstance(source, (str, os.PathLike)):
+        from ..loading import load_components
+        components = load_components(os.fspath(source), dtype=torch_dtype)
+    else:
+        raise TypeError(f"source must be a model folder or a Components; got {type(source).__name__}")
+    specs = graph_specs(components, torch_dtype)  # all config checks happen here, before any writing
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
+    try:
+        classes = _model_classes()
+        networks = {}
+        for spec in specs:
+            say(f"exporting {spec.name} ...")
+            entry = _export_graph(spec, os.path.join(tmp, spec.name), opset)
+            if spec.kind == "prior":
+                _save_clip_stats(spec.module, os.path.join(tmp, spec.name))
+            files = _file_entries(tmp, spec.name)
+            networks[spec.name] = {
+                "kind": spec.kind,
+                "class": classes[spec.kind][0][1],
+                "config": spec.module.config.to_dict(),
+                **entry,
+                "files": files,
+                "graph_sha256": graph_hash(files),
+            }
+            if _after_graph is not None:  # test hook: simulate a failure between two graphs
+                _after_graph(spec.name, tmp)
+        components.tokenizer.save(os.path.join(tmp, "tokenizer"))
+        upsamplers = []
+        for i, up in enumerate(components.upsamplers):
+            prefix = "super_res" if i == 0 else f"super_res_{i + 1}"
+            upsamplers.append({"name": up.name, "first": f"{prefix}_first",
+                               "last": f"{prefix}_last" if up.last is not up.first else f"{prefix}_first",
+                               "scheduler": up.scheduler.to_dict()})
+        schedulers = {"decoder": components.decoder_scheduler.to_dict()}
+        if components.prior_scheduler is not None:
+            schedulers["prior"] = components.prior_scheduler.to_dict()
+        unsupported = {k: v["tensorrt_unsupported_ops"] for k, v in networks.items() if v["tensorrt_unsupported_ops"]}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dtype": name,
+            "opset": opset,
+            "exporter": EXPORTER,
+            "versions": _versions(),
+            "batch_axis": {"name": "batch", "min": 1, "max": MAX_BATCH},
+            "tokenizer": {"folder": "tokenizer", "model_max_length": int(components.tokenizer.model_max_length),
+                          "files": _file_entries(tmp, "tokenizer")},
+            "networks": networks,
+            "schedulers": schedulers,
+            "upsamplers": upsamplers,
+            "image_processor_config": components.image_processor_config,
+            "tensorrt_op_check": {"reference": "ONNX-TensorRT operator matrix, TensorRT 10.15",
+                                  "unsupported": unsupported},
+        }
+        write_json(os.path.join(tmp, MANIFEST), manifest)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out}")
+    return out
+
+
+def _publish(tmp: str, out: str) -> None:
+    """Rename the finished temporary folder to `out`, replacing an older export only now."""
+    parent = os.path.dirname(out)
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.old-")
+        os.rmdir(old)
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)  # put the previous export back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def read_manifest(root: str) -> dict:
+    """The validated manifest of an export folder (ConfigError if `root` is not one this version reads)."""
+    root = os.fspath(root)
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isdir(root):
+        raise ConfigError(f"{root}: folder not found")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{root}: not an ONNX export (no {MANIFEST}); create one with "
+                          f"`unclip export --model DIR --format onnx --out {root}`")
+    cfg = Config.from_file(path)
+    cfg.expect("format", (FORMAT,))
+    version = cfg.get("format_version", types=int)
+    if version != FORMAT_VERSION:
+        raise cfg.error("format_version", f"= {version} is not supported (this version reads {FORMAT_VERSION})")
+    cfg.get("dtype", types=str, choices=tuple(DTYPES))
+    networks = cfg.get("networks", types=dict)
+    for required in ("text_encoder", "text_proj", "decoder"):
+        if required not in networks:
+            raise cfg.error("networks", f"has no '{required}' graph")
+    cfg.get("upsamplers", types=list)
+    return cfg.data
+
+
+def verify_files(root: str, manifest: dict, *, hashes: bool = False) -> None:
+    """Every file the manifest lists exists with its recorded size (and sha256 when `hashes`)."""
+    entries = dict(manifest["tokenizer"]["files"])
+    for net in manifest["networks"].values():
+        entries.update(net["files"])
+    for rel, meta in entries.items():
+        path = os.path.join(root, *rel.split("/"))
+        if not os.path.isfile(path):
+            raise ConfigError(f"{root}: {rel} is missing (the export is incomplete; export again)")
+        if os.path.getsize(path) != meta["bytes"]:
+            raise ConfigError(f"{root}: {rel} has {os.path.getsize(path)} bytes, the manifest says {meta['bytes']} "
+                              "(corrupt or modified; export again)")
+        if hashes and sha256_file(path) != meta["sha256"]:
+            raise ConfigError(f"{root}: {rel} does not match its sha256 in {MANIFEST} (corrupt or modified)")
+
+
+def manifest_summary(manifest: dict) -> str:
+    lines = [f"{FORMAT} v{manifest['format_version']}, dtype {manifest['dtype']}, opset {manifest['opset']}"]
+    for name, net in manifest["networks"].items():
+        size = sum(f["bytes"] for f in net["files"].values())
+        lines.append(f"  {name:<18} {net['class']:<30} {size / 2**20:9.1f} MiB  {net['graph_sha256'][:12]}")
+    return "\n".join(lines)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
