@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Further subcommands live in their own modules, each with `add_parser(subparsers)` (which registers one or
 # more commands) and `run(args) -> int` (called when `args.command` is one of its `COMMANDS`).
-_PLUGINS: tuple[str, ...] = ()
+_PLUGINS: tuple[str, ...] = ("cli_export", "cli_bench", "cli_latent")
 
 
 def _plugin(name: str):

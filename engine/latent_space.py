@@ -183,14 +183,18 @@ def encode_image(pipe, images=None, *, pixel_values: torch.Tensor | None = None)
     """CLIP image embeddings z_i (B, D) of one image or a list of images (PIL images of any mode and size,
     numpy arrays (H, W, C) / (C, H, W), tensors (C, H, W) / (B, C, H, W); see `unclip.image_processing`), or
     of `pixel_values` that are already CLIP-preprocessed (what diffusers passes as a tensor `image`)."""
+    return _encode(pipe, images, pixel_values, "images")
+
+
+def _encode(pipe, images, pixel_values, name: str) -> torch.Tensor:
     c = pipe.components
     if c.image_encoder is None:
         raise ValueError("this pipeline has no image encoder: load a folder with image_encoder/ (e.g. Karlo's "
                          "image-variation release) or use a preset")
     if (images is None) == (pixel_values is None):
-        raise ValueError("give exactly one of images and pixel_values")
+        raise ValueError(f"give exactly one of {name} and pixel_values")
     if pixel_values is None:
-        pixel_values = image_processing.preprocess(images, image_processing.processor_config_for(c))
+        pixel_values = image_processing.preprocess(images, image_processing.processor_config_for(c), name=name)
     else:
         size = c.image_encoder.config.image_size
         if not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point:
@@ -221,6 +225,21 @@ def _prior_embeddings(pipe, prompts: list[str], generator, steps: int, scale: fl
 
 
 # ------------------------------------------------------------------------------------------ variations
+
+def _empty_captions(pipe, batch: int, n: int, cfg: bool):
+    """Text features of the empty caption for `batch` × `n` rows ([uncond] + cond halves with `cfg`).
+
+    Both halves come from one text-encoder run over `batch` empty captions, as in diffusers: a batch-1 run
+    can round differently in the last bit, which random-weight upsamplers amplify into visible differences."""
+    c = pipe.components
+    tokens = c.tokenizer([""] * batch)
+    embeds, hidden = c.text_encoder(tokens.input_ids.to(pipe.device))
+    mask = tokens.attention_mask.to(pipe.device)
+    embeds, hidden, mask = (t.repeat_interleave(n, dim=0) for t in (embeds, hidden, mask))
+    if cfg:
+        embeds, hidden, mask = (torch.cat([t, t]) for t in (embeds, hidden, mask))
+    return embeds, hidden, mask
+
 
 @torch.inference_mode()
 def variations(pipe, image=None, num_images_per_prompt: int = 1, decoder_num_inference_steps: int = 25,
@@ -258,11 +277,11 @@ def variations(pipe, image=None, num_images_per_prompt: int = 1, decoder_num_inf
     if image_embeddings is not None:
         embeds = _check_embeddings(pipe, image_embeddings, "image_embeddings")
     else:
-        embeds = encode_image(pipe, image, pixel_values=pixel_values)
+        embeds = _encode(pipe, image, pixel_values, "image")
     batch = embeds.shape[0]
     rows = batch * n
     cfg = scale > 1.0
-    text_embeds, text_hidden, text_mask = pipe.encode_prompt([""] * batch, n, guidance=cfg)
+    text_embeds, text_hidden, text_mask = _empty_captions(pipe, batch, n, cfg)
     embeds = embeds.repeat_interleave(n, dim=0)
     x = pipe._decoder_stage(embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale, steps, sampler_of, eta_of,
                             decoder_latents, generator, callback, progress)
@@ -352,7 +371,7 @@ def invert(pipe, image=None, num_inference_steps: int = 50, *, image_embeddings:
     if image_embeddings is not None:
         embeds = _check_embeddings(pipe, image_embeddings, "image_embeddings")
     elif image is not None:
-        embeds = encode_image(pipe, image)
+        embeds = _encode(pipe, image, None, "image")
     else:
         raise ValueError("image_embeddings is required with decoder_image (there is no image to encode)")
     if embeds.shape[0] != x0.shape[0]:
@@ -447,7 +466,7 @@ def interpolate(pipe, start, end, num: int = 5, *, noise: str = "fixed", generat
         if kind == "embedding":
             embeds[i] = value
         elif kind == "image":
-            embeds[i] = encode_image(pipe, value)[0]
+            embeds[i] = _encode(pipe, value, None, ("start", "end")[i])[0]
     thetas = [k / (num - 1) for k in range(num)]
     z = torch.stack([slerp(embeds[0], embeds[1], th) for th in thetas])
 
@@ -499,7 +518,7 @@ def text_diff(pipe, image, from_caption: str, to_caption: str, thetas: Sequence[
     if image_embeddings is not None:
         z_i = _check_embeddings(pipe, image_embeddings, "image_embeddings", ndim=1)[None]
     else:
-        z_i = encode_image(pipe, images[0])
+        z_i = _encode(pipe, images[0], None, "image")
     text, _, _ = pipe.encode_prompt([from_caption, to_caption], 1, guidance=False)
     z = text_diff_embeddings(z_i[0].float(), text[0].float(), text[1].float(), thetas).to(pipe.dtype)
     inv = invert(pipe, images[0], steps, image_embeddings=z_i, decoder_guidance_scale=scale)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import samplers
+from .graphs import GraphStage, StageGraphs
 from .loading import Components, load_components, save_components
 from .samplers import seeded_randn as randn
 from .sampling import guided, run_loop
@@ -100,6 +101,9 @@ class Pipeline:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         if backend == "fast":
             _use_fast_kernels(components, torch.device(device))
+        elif backend in ("onnxruntime", "tensorrt"):  # networks become exported graphs; sampling is unchanged
+            from .export.loader import prepare_components
+            components = prepare_components(components, backend, device=device, dtype=dtype)
         elif backend != "torch":
             raise NotImplementedError(f"backend {backend!r} is not available yet in this version")
         self.components = components
@@ -108,12 +112,21 @@ class Pipeline:
         self.backend = backend
         self._lock = threading.Lock()  # guards the plan cache; calls themselves share no mutable state
         self._plans: dict = {}  # (schedule, steps, sampler, eta) -> plan: coefficients are computed once
+        # backend "fast" on CUDA: each stage's whole loop is captured in a CUDA graph (engine/graphs.py); else None
+        self._graphs = StageGraphs.for_backend(backend, self.device)
+        if backend == "tensorrt" and self._graphs is None:  # TensorRT enqueues are capturable: whole stage loops
+            from .export.tensorrt import stage_graphs
+            self._graphs = stage_graphs(self.device)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: str, *, device="cpu", dtype=torch.float32, backend: str = "torch") -> "Pipeline":
         """Load a diffusers-layout unCLIP folder (e.g. Karlo v1 alpha). Never writes into `path`."""
         dtype = _dtype_of(dtype)
+        if backend in ("onnxruntime", "tensorrt"):  # an `unclip export` folder (or a model folder exported now)
+            from .export.loader import load_for_backend
+            return cls(load_for_backend(str(path), backend, device=device, dtype=dtype), device=device, dtype=dtype,
+                       backend=backend)
         return cls(load_components(str(path), device=device, dtype=dtype), device=device, dtype=dtype,
                    backend=backend)
 
@@ -187,7 +200,7 @@ class Pipeline:
         return [randn(shape, generator, self.device, self.dtype) if draws else None
                 for draws in plan.draws_noise]
 
-    def _run(self, name, plan, x, denoise, generator, callback, progress):
+    def _run(self, name, plan, x, denoise, generator, callback, progress, graph: GraphStage | None = None):
         # Noise for every stochastic step is drawn before the loop: same order as diffusers (initial
         # latents, then one draw per step with t > 0), and the loop itself does no random draws.
         noise = self._noise(plan, tuple(x.shape), generator)
@@ -197,7 +210,15 @@ class Pipeline:
             bar = tqdm(total=plan.num_steps, desc=name, leave=False)
         stage_cb = None if callback is None else (lambda i, t, xi: callback(name, i, t, xi))
         try:
-            x = run_loop(plan, x.float(), denoise, [None if n is None else n.float() for n in noise], stage_cb, bar)
+            x, noise = x.float(), [None if n is None else n.float() for n in noise]
+            out = None
+            if graph is not None and self._graphs is not None and callback is None:  # per-step callbacks: eager
+                out = self._graphs.run(name, plan, x, noise, graph, self.dtype)  # None: run this one eagerly
+            if out is None:
+                out = run_loop(plan, x, denoise, noise, stage_cb, bar)
+            elif bar is not None:
+                bar.update(plan.num_steps)
+            x = out
         finally:
             if bar is not None:
                 bar.close()
@@ -361,10 +382,13 @@ class Pipeline:
             text_embeds, text_hidden, text_mask = (t.repeat_interleave(k, dim=0) for t in (text_embeds, text_hidden, text_mask))
         x = self._initial((rows * k, dim), latents, generator, "prior_latents")
 
-        def call(x_in, t, i):
-            return prior(x_in.to(self.dtype), t, text_embeds, text_hidden, text_mask)
-        denoise = guided(call, scale) if cfg else call
-        x = self._run("prior", plan, x, denoise, generator, callback, progress)
+        def make_denoise(cond, scale):
+            def call(x_in, t, i):
+                return prior(x_in.to(self.dtype), t, cond["text_embeds"], cond["text_hidden"], cond["text_mask"])
+            return guided(call, scale) if cfg else call
+        conditioning = {"text_embeds": text_embeds, "text_hidden": text_hidden, "text_mask": text_mask}
+        graph = GraphStage(make_denoise, conditioning, scale if cfg else None, key=(cfg,), modules=(prior,))
+        x = self._run("prior", plan, x, make_denoise(conditioning, scale), generator, callback, progress, graph=graph)
         embeds = prior.post_process_latents(x.to(self.dtype))
         if k > 1:
             cond = text_embeds[-rows * k:].reshape(rows, k, -1)[:, 0]
@@ -373,9 +397,11 @@ class Pipeline:
             embeds = cand[torch.arange(rows, device=embeds.device), score.argmax(dim=1)]
         return embeds
 
-    def _decoder_denoiser(self, image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale):
+    def _decoder_denoiser(self, image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale, *,
+                          with_graph: bool = False):
         """The decoder's denoise(x, t, i) conditioned on these embeddings (guided when `cfg`); shared by the
-        decoder stage and the latent-space tools (DDIM inversion, decoding from given latents)."""
+        decoder stage and the latent-space tools (DDIM inversion, decoding from given latents).
+        `with_graph`: return (denoise, GraphStage) so the stage can be captured."""
         c = self.components
         k = text_embeds.shape[0] // (rows * (2 if cfg else 1))
         if k > 1:  # undo the candidate repetition done for the prior
@@ -385,20 +411,28 @@ class Pipeline:
         mask = F.pad(text_mask, (extra, 0), value=True)
         dec = c.decoder
 
-        def call(x_in, t, i):
-            return dec(x_in.to(self.dtype), t, context, time_embed, mask)
         learned = dec.config.in_channels if c.decoder_scheduler.variance_type == "learned_range" else None
-        return guided(call, scale, learned_variance_channels=learned) if cfg else call
+
+        def make_denoise(cond, scale):
+            def call(x_in, t, i):
+                return dec(x_in.to(self.dtype), t, cond["context"], cond["time_embed"], cond["mask"])
+            return guided(call, scale, learned_variance_channels=learned) if cfg else call
+        cond = {"context": context, "time_embed": time_embed, "mask": mask}
+        denoise = make_denoise(cond, scale)
+        if not with_graph:
+            return denoise
+        return denoise, GraphStage(make_denoise, cond, scale if cfg else None, key=(cfg, learned), modules=(dec,))
 
     def _decoder_stage(self, image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale, steps, sampler_of,
                        eta_of, latents, generator, callback, progress):
         c = self.components
-        denoise = self._decoder_denoiser(image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale)
+        denoise, graph = self._decoder_denoiser(image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale,
+                                                with_graph=True)
         dec = c.decoder
         size, channels = dec.config.sample_size, dec.config.in_channels
         plan = self._plan(c.decoder_scheduler, steps["decoder"], sampler_of["decoder"], eta_of["decoder"])
         x = self._initial((rows, channels, size, size), latents, generator, "decoder_latents")
-        x = self._run("decoder", plan, x, denoise, generator, callback, progress)
+        x = self._run("decoder", plan, x, denoise, generator, callback, progress, graph=graph)
         return x.clamp(-1, 1)
 
     def _super_res_stage(self, up, low_res, rows, steps, sampler_of, eta_of, latents, generator, callback, progress):
@@ -411,10 +445,14 @@ class Pipeline:
                                  antialias=True)
         last_step = plan.num_steps - 1
 
-        def call(x_in, t, i):
-            net = up.last if i == last_step else up.first  # static per step: capturable
-            return net(torch.cat([x_in.to(self.dtype), upscaled], dim=1), t)
-        return self._run(up.name, plan, x, call, generator, callback, progress)
+        def make_denoise(cond, scale):
+            def call(x_in, t, i):
+                net = up.last if i == last_step else up.first  # static per step: capturable
+                return net(torch.cat([x_in.to(self.dtype), cond["upscaled"]], dim=1), t)
+            return call
+        cond = {"upscaled": upscaled}
+        graph = GraphStage(make_denoise, cond, None, key=(), modules=(up.first, up.last))
+        return self._run(up.name, plan, x, make_denoise(cond, None), generator, callback, progress, graph=graph)
 
     # ------------------------------------------------------------------ output
     @staticmethod

@@ -75,12 +75,18 @@ class GraphNetwork:
             raise ValueError(f"{self.name}: the graph needs input(s) {missing}")
         return self.executor.run({n: feeds[n] for n in self.executor.inputs})
 
-    # No-ops that let code written for nn.Module treat these alike.
+    # What code written for nn.Module asks of a network (the weights live in the runtime, not in torch).
     def eval(self):
         return self
 
     def requires_grad_(self, requires_grad: bool = True):
         return self
+
+    def parameters(self):
+        return iter(())
+
+    def buffers(self):
+        return iter(())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, backend={self.backend!r}, dtype={self.dtype})"
@@ -103,6 +109,13 @@ class TextEncoderGraph(GraphNetwork):
 
 class ImageEncoderGraph(GraphNetwork):
     kind = "image_encoder"
+
+    @property
+    def visual_projection(self):
+        """Callers read `visual_projection.weight` for the encoder's device and dtype; an empty tensor
+        carrying the graph's says the same."""
+        from types import SimpleNamespace
+        return SimpleNamespace(weight=torch.empty(0, dtype=self.dtype, device=self.device))
 
     def __call__(self, pixel_values: torch.Tensor):
         """pixel_values (B, C, S, S), CLIP-normalised -> (image_embeds, last_hidden_state)."""

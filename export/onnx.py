@@ -305,6 +305,9 @@ def graph_specs(c: Components, dtype: torch.dtype) -> list[GraphSpec]:
         if up.last is not up.first:
             _require(_static_size(up.last, f"{prefix}_last") == _static_size(up.first, f"{prefix}_first"),
                      f"{prefix}_last", "sample_size differs from the first network's")
+    for spec in specs:  # example inputs live where the weights are
+        device = next(spec.module.parameters()).device
+        spec.inputs = {k: v.to(device) for k, v in spec.inputs.items()}
     return specs
 
 
@@ -381,6 +384,7 @@ def _export_graph(spec: GraphSpec, folder: str, opset: int) -> dict:
     try:
         with _export_friendly(spec.module), warnings.catch_warnings():
             warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
+            warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
             program = torch.onnx.export(
                 spec.adapter.eval(), args, dynamo=True, opset_version=opset, verbose=False, optimize=True,
                 input_names=list(spec.inputs), output_names=list(spec.outputs),
@@ -435,7 +439,7 @@ def resolve_dtype(dtype) -> tuple[str, torch.dtype]:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
 
 
-def _prepare_out(out: str, overwrite: bool) -> str:
+def prepare_out(out: str, overwrite: bool) -> str:
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out):
         if not os.path.isdir(out):
@@ -451,7 +455,7 @@ def _prepare_out(out: str, overwrite: bool) -> str:
 
 
 def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, overwrite: bool = False,
-                progress: Callable[[str], None] | None = None, _after_graph: Callable | None = None) -> str:
+                progress: Callable[[str], None] | None = None) -> str:
     """Export every network of a cascade to ONNX under `out`; returns the absolute path of `out`.
 
     source: a diffusers-layout folder (loaded in `dtype`) or a `Components` already in `dtype`.
@@ -463,7 +467,7 @@ def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, o
     name, torch_dtype = resolve_dtype(dtype)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
         raise ValueError(f"opset must be an int in {OPSETS.start}..{OPSETS.stop - 1}; got {opset!r}")
-    out = _prepare_out(out, overwrite)
+    out = prepare_out(out, overwrite)
     say = progress or (lambda line: _log.info(line))
 
     if isinstance(source, Components):
@@ -476,9 +480,7 @@ def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, o
         raise TypeError(f"source must be a model folder or a Components; got {type(source).__name__}")
     specs = graph_specs(components, torch_dtype)  # all config checks happen here, before any writing
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
+    tmp = staging_dir(out)
     try:
         classes = _model_classes()
         networks = {}
@@ -496,8 +498,6 @@ def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, o
                 "files": files,
                 "graph_sha256": graph_hash(files),
             }
-            if _after_graph is not None:  # test hook: simulate a failure between two graphs
-                _after_graph(spec.name, tmp)
         components.tokenizer.save(os.path.join(tmp, "tokenizer"))
         upsamplers = []
         for i, up in enumerate(components.upsamplers):
@@ -527,7 +527,7 @@ def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, o
                                   "unsupported": unsupported},
         }
         write_json(os.path.join(tmp, MANIFEST), manifest)
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -535,7 +535,22 @@ def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, o
     return out
 
 
-def _publish(tmp: str, out: str) -> None:
+def staging_dir(out: str) -> str:
+    """A new empty sibling folder of `out` to write into before `publish` (created like any folder, with the
+    umask's permissions, unlike tempfile.mkdtemp's private 0700)."""
+    import secrets
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    while True:
+        path = os.path.join(parent, f".{os.path.basename(out)}.tmp-{secrets.token_hex(6)}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def publish(tmp: str, out: str) -> None:
     """Rename the finished temporary folder to `out`, replacing an older export only now."""
     parent = os.path.dirname(out)
     if os.path.exists(out):

@@ -125,7 +125,7 @@ def build_tokenizer():
     return learn_bpe(shapes.all_captions(), num_merges=4000)
 
 
-_ATTR_VALUES = {"colour": tuple(shapes.COLOURS), "shape": shapes.SHAPES, "size": shapes.SIZES,
+ATTR_VALUES = {"colour": tuple(shapes.COLOURS), "shape": shapes.SHAPES, "size": shapes.SIZES,
                 "position": shapes.POSITIONS, "background": tuple(shapes.BACKGROUNDS)}
 # How often each attribute is named in a training caption (the rest are left to the model).
 KEEP_PROBABILITY = {"colour": 0.9, "shape": 0.9, "size": 0.65, "position": 0.75, "background": 0.65}
@@ -145,7 +145,7 @@ class CaptionTable:
         codes = []
         for c in self.captions:
             named = shapes.parse_caption(c)
-            codes.append([_ATTR_VALUES[a].index(named[a]) if a in named else -1 for a in shapes.ATTRIBUTES])
+            codes.append([ATTR_VALUES[a].index(named[a]) if a in named else -1 for a in shapes.ATTRIBUTES])
         self.codes = torch.tensor(codes)
 
     def sample(self, scenes, rng: np.random.Generator) -> torch.Tensor:
@@ -158,7 +158,7 @@ class CaptionTable:
 
 
 def scene_codes(scenes) -> torch.Tensor:
-    return torch.tensor([[_ATTR_VALUES[a].index(getattr(s, a)) for a in shapes.ATTRIBUTES] for s in scenes])
+    return torch.tensor([[ATTR_VALUES[a].index(getattr(s, a)) for a in shapes.ATTRIBUTES] for s in scenes])
 
 
 def describes(caption_codes: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
@@ -308,3 +308,32 @@ def ensure_importable() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (what is shipped: smoother than the last step)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        # Warm-up form: early on the average follows the weights closely.
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        model.load_state_dict(self.shadow)
+
+
+def cosine_lr(opt, steps: int, floor: float = 0.1):
+    """Linear warm-up over 5 % of the steps, then cosine decay to `floor` × the base rate."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup)
+        * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark in ONE invocation, so a short GPU window yields a complete results set.
+#
+# Phases (each gets a share of the time left, so an early finish leaves more for the later ones; every
+# Python phase also gets a deadline and writes its JSON as it goes, so a phase cut short keeps what it
+# measured):
+#   1. tests     pytest -m gpu over tests/ (CUDA-graph capture, sampler-on-GPU, ...) + tests/test_kernels.py,
+#                which runs the compiled Triton kernels when CUDA is present
+#   2. e2e       benchmarks/e2e.py, karlo: fast, torch, diffusers (eager fp16), fast_eager at batch 1, 8, 4
+#                (Karlo defaults 25/25/7 steps, guidance 4/8) + PSNR of every pair + an fp32 reference
+#   3. compile   benchmarks/e2e.py, karlo: diffusers + torch.compile(mode="max-autotune"), batch 1 then 8
+#                (compilation itself can take minutes; the phase records how long the first call took)
+#   4. dalle2    benchmarks/e2e.py, dalle2 (64->256->1024): fast and torch at batch 1
+#   5. kernels   benchmarks/kernels.py (Triton kernels vs SDPA / F.group_norm at the Karlo shapes)
+# Total: UNCLIP_SUITE_SECONDS (default 540, i.e. 9 minutes, inside the device tool's 10-minute limit).
+#
+# Output: benchmarks/results/<date>-<device>-<commit>.json (+ .md, -stages.png, -speedup.png, -images.png,
+# -kernels.json) and the log <stem>-suite.log; all of them are also copied to $OUT when it is set.
+#
+# Through the device tool (the device image has torch, triton, transformers, matplotlib but NOT diffusers):
+#   1. On the session machine, right before the call (needs PyPI):
+#          bash benchmarks/gpu_suite.sh --prepare
+#      downloads the diffusers wheel into .whl/ (ignored by git) and records the commit in .whl/source.env
+#      (the device's copy of the tree has no git history).
+#   2. run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=600)
+#      (optionally kind="nvidia-h100-x1"; the physical-floor numbers are for H100/H200)
+#   3. The files come back under the reply's files_at: copy them into benchmarks/results/, put the .md
+#      tables and the plots into benchmarks/README.md, and commit.
+#   A phase cut short (the log's summary says so; torch.compile's max-autotune is the likely one) can get a
+#   call of its own: copy the returned JSON into benchmarks/results/ first (untracked files travel with the
+#   tree and the results file is extended, not replaced), then
+#          run(command="bash benchmarks/gpu_suite.sh --only compile", carry=[".whl"], timeout_s=600)
+#   Phases: tests, e2e, compile, dalle2, kernels (comma-separated).
+# CPU smoke test of the whole flow (tiny preset, torch + diffusers only, no GPU needed):
+#       bash benchmarks/gpu_suite.sh --smoke
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+MODE=gpu
+ONLY=""
+if [ "${1:-}" = "--only" ]; then ONLY=",${2:?--only needs phase names, e.g. --only compile,kernels},"; shift 2; fi
+case "${1:-}" in
+  --prepare)
+    mkdir -p .whl
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d .whl "diffusers==${DIFFUSERS_VERSION:-0.42.1}" || exit 1
+    commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    dirty=$([ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo 1 || echo 0)
+    printf 'UNCLIP_GIT_COMMIT=%s\nUNCLIP_GIT_DIRTY=%s\n' "$commit" "$dirty" > .whl/source.env
+    ls -la .whl; cat .whl/source.env
+    exit 0 ;;
+  --smoke) MODE=smoke ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_suite.sh [--only PHASE,...] [--prepare | --smoke]" >&2; exit 2 ;;
+esac
+
+START=$(date +%s)
+TOTAL=${UNCLIP_SUITE_SECONDS:-540}
+[ "$MODE" = smoke ] && TOTAL=${UNCLIP_SUITE_SECONDS:-400}
+END=$((START + TOTAL))
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # time and test the compiled kernels
+WORK=${TMPDIR:-/tmp}/unclip-suite
+mkdir -p "$WORK" benchmarks/results
+PRELOG="$WORK/suite.log"
+: > "$PRELOG"
+exec > >(tee -a "$PRELOG") 2>&1
+
+say() { echo "[suite $(( $(date +%s) - START ))s/${TOTAL}s] $*"; }
+
+# ---- environment: wheels, the package, the commit
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl \
+    && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" && say "installed $(ls .whl/*.whl | xargs -n1 basename)"
+fi
+if [ -f .whl/source.env ] && ! git rev-parse HEAD >/dev/null 2>&1; then
+  set -a; . .whl/source.env; set +a
+fi
+if ! (cd / && "$PY" -c "import unclip.kernels" 2>/dev/null); then
+  # Not installed: assemble the `unclip` package from the source layout (as CMakeLists.txt installs it).
+  rm -rf "$WORK/pkg" && mkdir -p "$WORK/pkg"
+  cp -r engine "$WORK/pkg/unclip" && cp -r kernels "$WORK/pkg/unclip/kernels" && cp -r export "$WORK/pkg/unclip/export"
+  export PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}"
+fi
+(cd / && "$PY" - <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "| cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+for m in ("unclip", "triton", "diffusers", "transformers", "matplotlib"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"{m} {getattr(mod, '__version__', '?')} from {mod.__file__}")
+    except Exception as e:
+        print(f"{m}: NOT importable ({type(e).__name__}: {e})")
+EOF
+)
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,temperature.gpu --format=csv
+
+if [ "$MODE" = smoke ]; then
+  DEVICE_ARGS=(--device cpu --dtype fp32 --preset tiny --steps 2 2 2 --runs 2 --min-runs 1)
+else
+  DEVICE_ARGS=(--device cuda --dtype fp16)
+fi
+RESULT=$("$PY" benchmarks/e2e.py --print-default-out "${DEVICE_ARGS[@]}" | tail -n1)
+[ "$MODE" = smoke ] && mkdir -p "$WORK/results" && RESULT="$WORK/results/$(basename "${RESULT%.json}")-smoke.json"
+STEM="${RESULT%.json}"
+LOG="$STEM-suite.log"
+say "results: $RESULT"
+
+# ---- phases: name, nominal seconds (shares of the time left)
+NAMES=(tests e2e compile dalle2 kernels)
+NOMINAL=(100 200 130 60 50)
+if [ "$MODE" = smoke ]; then NOMINAL=(60 200 0 0 0); fi
+if [ -n "$ONLY" ]; then  # e.g. --only compile: a second device call for a phase the first one cut short
+  for i in "${!NAMES[@]}"; do [[ "$ONLY" == *",${NAMES[$i]},"* ]] || NOMINAL[$i]=0; done
+fi
+STATUS=()
+
+budget_for() {  # $1 = phase index -> seconds for this phase
+  local i=$1 rest=0 j now left
+  for ((j = i; j < ${#NOMINAL[@]}; j++)); do rest=$((rest + NOMINAL[j])); done
+  now=$(date +%s); left=$((END - now))
+  if [ "$rest" -le 0 ] || [ "$left" -le 0 ]; then echo 0; return; fi
+  echo $(( left * NOMINAL[i] / rest ))
+}
+
+phase() {  # $1 = index; the rest = command (may use $DEADLINE)
+  local i=$1; shift
+  local name=${NAMES[$i]} budget rc t0
+  budget=$(budget_for "$i")
+  if [ "${NOMINAL[$i]}" -eq 0 ]; then STATUS+=("$name: not run in this mode"); return; fi
+  if [ "$budget" -lt 20 ]; then say "SKIP $name (only ${budget}s left)"; STATUS+=("$name: skipped, no time"); return; fi
+  export DEADLINE=$(( $(date +%s) + budget ))
+  say "BEGIN $name (budget ${budget}s)"
+  t0=$(date +%s)
+  # The Python phases stop themselves at DEADLINE; the hard limit adds a grace period for cleanup.
+  timeout --signal=INT --kill-after=10 $((budget + 15)) "$@"
+  rc=$?
+  say "END $name: exit $rc after $(( $(date +%s) - t0 ))s"
+  STATUS+=("$name: exit $rc after $(( $(date +%s) - t0 ))s (budget ${budget}s)")
+}
+
+# 1. tests. Run from tests/: `python -m pytest` from the repo root would put the source folder kernels/ on
+#    sys.path, shadowing the `kernels` package transformers probes for (README).
+if [ "$MODE" = smoke ]; then
+  phase 0 bash -c "cd tests && '$PY' -m pytest -q -x -m gpu -p no:cacheprovider test_graphs.py"
+else
+  phase 0 bash -c "cd tests && '$PY' -m pytest -q -rs -m gpu -p no:cacheprovider . && \
+                   '$PY' -m pytest -q -rs -p no:cacheprovider test_kernels.py"
+fi
+
+# 2. e2e (karlo or, in smoke mode, tiny): our backends and diffusers eager
+if [ "$MODE" = smoke ]; then
+  phase 1 bash -c "'$PY' benchmarks/e2e.py ${DEVICE_ARGS[*]} --systems torch diffusers --batches 1 2 \
+                   --reference-fp32 --out '$RESULT' --workdir '$WORK/e2e' --deadline \$DEADLINE"
+else
+  phase 1 bash -c "'$PY' benchmarks/e2e.py ${DEVICE_ARGS[*]} --preset karlo --systems fast torch diffusers fast_eager \
+                   --batches 1 8 4 --reference-fp32 --out '$RESULT' --workdir '$WORK/e2e' --deadline \$DEADLINE"
+fi
+# 3. diffusers + torch.compile
+phase 2 bash -c "'$PY' benchmarks/e2e.py ${DEVICE_ARGS[*]} --preset karlo --systems diffusers_compile --batches 1 8 \
+                 --out '$RESULT' --workdir '$WORK/e2e' --deadline \$DEADLINE"
+# 4. the dalle2 cascade
+phase 3 bash -c "'$PY' benchmarks/e2e.py ${DEVICE_ARGS[*]} --preset dalle2 --systems fast torch --batches 1 \
+                 --runs 5 --out '$RESULT' --workdir '$WORK/e2e' --deadline \$DEADLINE"
+# 5. kernels
+phase 4 "$PY" benchmarks/kernels.py --iters 10 --out "$STEM-kernels.json"
+
+# ---- tables and plots from everything measured, then copies for the device tool
+"$PY" benchmarks/e2e.py --render-only "${DEVICE_ARGS[@]}" --out "$RESULT" --workdir "$WORK/e2e" || true
+say "summary:"
+for s in "${STATUS[@]}"; do echo "  $s"; done
+[ -f "$STEM.md" ] && cat "$STEM.md"
+cp "$PRELOG" "$LOG"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  for f in "$RESULT" "$STEM.md" "$STEM-stages.png" "$STEM-speedup.png" "$STEM-images.png" "$STEM-kernels.json"; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
+  done
+  cp "$PRELOG" "$OUT/$(basename "$LOG")"
+  say "copied to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+fi
+say "done"

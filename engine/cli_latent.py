@@ -1,0 +1,166 @@
+"""`unclip vary`, `unclip interpolate`, `unclip edit`: the CLIP latent-space tools on the command line.
+
+Every PNG carries its parameters as text metadata (key "unclip", JSON); a series (several images) also gets a
+contact sheet, NAME-sheet.png, with the images side by side in order.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+COMMANDS = ("vary", "interpolate", "edit")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _common(p, *, steps, guidance, out):
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a diffusers-layout unCLIP folder with image_encoder/ (e.g. Karlo's "
+                                     "image-variation release)")
+    src.add_argument("--preset", default=None, help="random-weight preset: tiny | karlo | dalle2 (default: tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, nargs=2, metavar=("DECODER", "SUPER_RES"), default=steps)
+    p.add_argument("--guidance", type=float, default=guidance, help="decoder guidance scale")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--out", default=out, help="output PNG; a series is written as NAME-0.png, NAME-1.png, ... "
+                                              "plus NAME-sheet.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_parser(sub) -> None:
+    v = sub.add_parser("vary", help="variations of an image: its CLIP embedding decoded with new noise")
+    v.add_argument("image", help="input image file")
+    v.add_argument("-n", "--num-images", type=int, default=4, help="number of variations")
+    v.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    v.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    _common(v, steps=(25, 7), guidance=8.0, out="variation.png")
+
+    i = sub.add_parser("interpolate", help="images along the slerp between two CLIP image embeddings")
+    i.add_argument("start", help="an image file, or a prompt (embedded by the prior)")
+    i.add_argument("end", help="an image file, or a prompt (embedded by the prior)")
+    i.add_argument("--num", type=int, default=5, help="number of images, ends included")
+    i.add_argument("--noise", choices=("fixed", "inverted"), default="fixed",
+                   help="fixed: one decoder noise for all; inverted: slerp the images' DDIM-inverted noise too")
+    i.add_argument("--prior-steps", type=int, default=25)
+    i.add_argument("--prior-guidance", type=float, default=4.0)
+    _common(i, steps=(25, 7), guidance=None, out="interpolation.png")
+
+    e = sub.add_parser("edit", help="edit an image along a caption difference (a CLIP text diff)")
+    e.add_argument("image", help="input image file")
+    e.add_argument("--from", dest="from_caption", required=True, help="a caption of the image as it is")
+    e.add_argument("--to", dest="to_caption", required=True, help="the caption it should move towards")
+    e.add_argument("--thetas", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.375, 0.5],
+                   help="positions along the edit, in [0, 1] (0 = the image itself)")
+    _common(e, steps=(50, 7), guidance=1.0, out="edit.png")
+
+
+def _pipeline(args):
+    from .pipeline import Pipeline
+    if args.model:
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        return pipe, {"model": os.path.abspath(args.model)}
+    preset = args.preset or "tiny"
+    pipe = Pipeline.from_preset(preset, seed=0, device=args.device, dtype=args.dtype, backend=args.backend)
+    return pipe, {"preset": preset}
+
+
+def _open_image(path: str, name: str):
+    from PIL import Image
+    if not os.path.isfile(path):
+        raise OSError(f"{name}: image file not found: {path}")
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
+
+
+def _endpoint(value: str, name: str):
+    """An existing file is an image; a string that looks like an image file name but is missing is an error
+    (a typo should not silently become a prompt); anything else is a prompt."""
+    if os.path.isfile(value):
+        return _open_image(value, name), {"image": os.path.abspath(value)}
+    if value.lower().endswith(IMAGE_EXTENSIONS):
+        raise OSError(f"{name}: image file not found: {value}")
+    return value, {"prompt": value}
+
+
+def contact_sheet(images: list, columns: int | None = None, pad: int = 4, background=(255, 255, 255)):
+    """The images (PIL, any sizes) in a grid, row by row, each cell the size of the largest image."""
+    from PIL import Image
+    if not images:
+        raise ValueError("contact_sheet needs at least one image")
+    columns = columns or min(len(images), 8)
+    rows = -(-len(images) // columns)
+    cell_w = max(im.width for im in images)
+    cell_h = max(im.height for im in images)
+    sheet = Image.new("RGB", (pad + columns * (cell_w + pad), pad + rows * (cell_h + pad)), background)
+    for k, im in enumerate(images):
+        r, c = divmod(k, columns)
+        sheet.paste(im.convert("RGB"), (pad + c * (cell_w + pad), pad + r * (cell_h + pad)))
+    return sheet
+
+
+def _save(image, path: str, params: dict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("unclip", json.dumps(params))
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    image.save(path, pnginfo=info)
+    print(path)
+
+
+def _write(images: list, out: str, params: dict, extra: list[dict], *, series: bool, sheet_first=None) -> None:
+    """One PNG per image (`out` itself when there is one and it is not a series) and, for several images or
+    a series, the contact sheet (optionally led by `sheet_first`, e.g. the input image)."""
+    stem, ext = os.path.splitext(out)
+    ext = ext or ".png"
+    many = series or len(images) > 1
+    for k, (image, more) in enumerate(zip(images, extra)):
+        _save(image, f"{stem}-{k}{ext}" if many else out, {**params, "index": k, **more})
+    if many:
+        tiles = list(images)
+        if sheet_first is not None:
+            size = images[0].size
+            tiles = [sheet_first.convert("RGB").resize(size)] + tiles
+        _save(contact_sheet(tiles), f"{stem}-sheet{ext}", {**params, "sheet": True})
+
+
+def run(args) -> int:
+    import torch
+
+    pipe, source = _pipeline(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    decoder_steps, sr_steps = args.steps
+    common = {**source, "seed": args.seed, "steps": list(args.steps), "dtype": args.dtype, "backend": args.backend}
+
+    if args.command == "vary":
+        image = _open_image(args.image, "image")
+        out = pipe.variations(image, num_images_per_prompt=args.num_images, generator=generator,
+                              decoder_num_inference_steps=decoder_steps, super_res_num_inference_steps=sr_steps,
+                              decoder_guidance_scale=args.guidance, sampler=args.sampler, eta=args.eta,
+                              progress=not args.quiet)
+        params = {"command": "vary", "image": os.path.abspath(args.image), **common, "guidance": args.guidance,
+                  "sampler": args.sampler, "eta": args.eta}
+        _write(out.images, args.out, params, [{}] * len(out.images), series=False, sheet_first=image)
+        return 0
+
+    if args.command == "interpolate":
+        start, start_info = _endpoint(args.start, "start")
+        end, end_info = _endpoint(args.end, "end")
+        out = pipe.interpolate(start, end, args.num, noise=args.noise, generator=generator,
+                               decoder_num_inference_steps=decoder_steps, super_res_num_inference_steps=sr_steps,
+                               decoder_guidance_scale=args.guidance, prior_num_inference_steps=args.prior_steps,
+                               prior_guidance_scale=args.prior_guidance, progress=not args.quiet)
+        params = {"command": "interpolate", "start": start_info, "end": end_info, **common, "noise": args.noise,
+                  "guidance": args.guidance, "prior_steps": args.prior_steps, "prior_guidance": args.prior_guidance}
+        _write(out.images, args.out, params, [{"theta": t} for t in out.thetas], series=True)
+        return 0
+
+    image = _open_image(args.image, "image")
+    out = pipe.text_diff(image, args.from_caption, args.to_caption, args.thetas, generator=generator,
+                         decoder_num_inference_steps=decoder_steps, super_res_num_inference_steps=sr_steps,
+                         decoder_guidance_scale=args.guidance, progress=not args.quiet)
+    params = {"command": "edit", "image": os.path.abspath(args.image), "from": args.from_caption,
+              "to": args.to_caption, **common, "guidance": args.guidance}
+    _write(out.images, args.out, params, [{"theta": t} for t in out.thetas], series=True)
+    return 0

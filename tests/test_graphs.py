@@ -1,0 +1,314 @@
+"""CUDA-graph capture of whole stage loops (engine/graphs.py) and its hook in Pipeline._run.
+
+CPU: the capturable formulation (static buffers, conditioning copied in, guidance scale as a device tensor)
+run eagerly equals the plain loop bit for bit on the tiny preset; the cache key, LRU eviction, failure
+fallback and re-capture logic run with capture off or a stand-in graph. CUDA: real capture and replay
+(marked `gpu`, skipped without a CUDA device).
+"""
+import os
+import threading
+import warnings
+
+import pytest
+import torch
+
+import unclip
+from unclip import samplers
+from unclip.graphs import GraphStage, StageGraphs, graph_key
+from unclip.sampling import run_loop
+
+STEPS = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _call(pipe, prompt="a blue square", seed=0, **kw):
+    args = dict(output_type="pt", progress=False, **STEPS)
+    args.update(kw)
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **args).images  # CPU draws, any device
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return unclip.Pipeline.from_preset("tiny", seed=0)
+
+
+def _static_twin(pipe, **kw):
+    """A pipeline on the same networks whose stages run through StageGraphs with capture off."""
+    twin = unclip.Pipeline(pipe.components, device=pipe.device, dtype=pipe.dtype)
+    twin._graphs = StageGraphs(pipe.device, capture=False, **kw)
+    return twin
+
+
+# --------------------------------------------------------------------------------------------- CPU: pipeline
+
+
+def test_capturable_loop_run_eagerly_equals_plain_loop_bit_for_bit(plain):
+    twin = _static_twin(plain)
+    cases = [
+        dict(prompt="a blue square", seed=0),                                   # first call: builds statics
+        dict(prompt=["a horse", "a red circle"], seed=1),                       # new shapes: new entries
+        dict(prompt="a green triangle", seed=2, prior_guidance_scale=6.5, decoder_guidance_scale=3.0),  # replay:
+        # new text, new noise, new scales
+        dict(prompt="ddim", seed=3, sampler="ddim", eta=0.7),                   # DDIM with noise buffers
+    ]
+    for case in cases:
+        expected = _call(plain, **case)
+        got = _call(twin, **case)
+        assert torch.equal(got, expected), case
+    assert expected.std() > 0.01  # not vacuous
+    g = twin._graphs
+    # batch 1 ddpm, batch 2 ddpm, batch 1 ddim: three stages each; the scale change reused batch 1's entries
+    assert len(g) == 9, g.keys()
+    assert g.stats["replays"] == 3 and g.stats["captures"] == 0 and g.stats["failures"] == 0
+
+
+def test_callbacks_and_no_inference_mode_run_eagerly(plain):
+    twin = _static_twin(plain)
+    seen = []
+    got = _call(twin, callback=lambda stage, i, t, x: seen.append(stage))
+    assert len(seen) == sum(STEPS.values()) and len(twin._graphs) == 0  # per-step callbacks need the eager loop
+    assert torch.equal(got, _call(plain))
+    stage = GraphStage(lambda cond, scale: (lambda x, t, i: x), {})
+    plan = samplers.make_plan(None, 2)
+    assert twin._graphs.run("s", plan, torch.zeros(1, 2), [torch.zeros(1, 2), None], stage, torch.float32) is None
+
+
+def test_failed_capture_warns_once_and_falls_back_to_eager(plain, monkeypatch):
+    twin = _static_twin(plain)
+    g = twin._graphs
+    g.capture = True  # as on CUDA, but the capture itself fails
+
+    def broken_capture(entry):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(g, "_capture", broken_capture)
+    with pytest.warns(RuntimeWarning, match=r"CUDA-graph capture of stage '(prior|decoder|super_res)' failed"):
+        first = _call(twin, seed=4)
+    assert torch.equal(first, _call(plain, seed=4))  # the first call's answer comes from the eager warm-up
+    assert g.stats["failures"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the configuration now runs eagerly
+        again = _call(twin, seed=5)
+    assert torch.equal(again, _call(plain, seed=5))
+
+
+class _StandInGraph:
+    """Replays by re-running the recorded loop into the static output (what a CUDA graph does)."""
+
+    def __init__(self, entry):
+        self.entry = entry
+        self.out = run_loop(entry.plan, entry.x, entry.denoise, entry.noise)
+        self.replays = 0
+
+    def replay(self):
+        e = self.entry
+        self.out.copy_(run_loop(e.plan, e.x, e.denoise, e.noise))
+        self.replays += 1
+
+
+def test_replay_path_copies_inputs_and_detects_replaced_weights(plain, monkeypatch):
+    base, comps = plain, plain.components
+    twin = _static_twin(base)
+    g = twin._graphs
+    g.capture = True
+    graphs = []
+
+    def stand_in(entry):
+        graphs.append(_StandInGraph(entry))
+        return graphs[-1], graphs[-1].out
+    monkeypatch.setattr(g, "_capture", stand_in)
+    for seed, prompt in ((0, "one"), (1, "two")):
+        assert torch.equal(_call(twin, prompt, seed), _call(base, prompt, seed))
+    assert g.stats["captures"] == 3 and sum(s.replays for s in graphs) == 3
+    # A replaced (not in-place updated) parameter: the graph would read freed memory, so it is re-captured.
+    old = comps.decoder.conv_out.bias
+    try:
+        comps.decoder.conv_out.bias = torch.nn.Parameter(old.detach() + 0.05, requires_grad=False)
+        assert torch.equal(_call(twin, "three", 2), _call(base, "three", 2))
+    finally:
+        comps.decoder.conv_out.bias = old
+    assert g.stats["recaptures"] == 1 and g.stats["captures"] == 4
+
+
+# --------------------------------------------------------------------------------------------- CPU: cache logic
+
+
+def _toy_stage(weight, scale=None, key=()):
+    def make_denoise(cond, scale):
+        def call(x, t, i):
+            return x * cond["w"] * (1.0 if scale is None else scale)
+        return call
+    return GraphStage(make_denoise, {"w": weight}, scale, key=key)
+
+
+def _key(x, stage, plan=None, dtype=torch.float32, name="s"):
+    plan = plan or samplers.make_plan(None, 3)
+    noise = [torch.zeros_like(x) if d else None for d in plan.draws_noise]
+    return graph_key(name, plan, x, noise, stage, dtype)
+
+
+def test_graph_key_separates_what_changes_the_captured_work():
+    plan3, plan4, ddim = samplers.make_plan(None, 3), samplers.make_plan(None, 4), samplers.make_plan(
+        None, 3, sampler="ddim", eta=0.5)
+    x, w = torch.zeros(1, 3, 8, 8), torch.ones(1)
+    base = _key(x, _toy_stage(w, 4.0), plan3)
+    assert _key(torch.ones(1, 3, 8, 8), _toy_stage(torch.zeros(1), 8.0), plan3) == base  # values don't matter
+    different = [
+        _key(torch.zeros(2, 3, 8, 8), _toy_stage(w, 4.0), plan3),                 # batch
+        _key(torch.zeros(1, 3, 16, 16), _toy_stage(w, 4.0), plan3),               # resolution
+        _key(x, _toy_stage(w, 4.0), plan4),                                       # steps
+        _key(x, _toy_stage(w, 4.0), ddim),                                        # sampler / eta
+        _key(x, _toy_stage(w, 4.0), plan3, dtype=torch.float16),                  # model dtype
+        _key(x.double(), _toy_stage(w, 4.0), plan3),                              # latent dtype
+        _key(x, _toy_stage(torch.ones(2), 4.0), plan3),                           # conditioning shape
+        _key(x, _toy_stage(w, None), plan3),                                      # guidance off
+        _key(x, _toy_stage(w, 4.0, key=(True,)), plan3),                          # stage's own key parts
+        _key(x, _toy_stage(w, 4.0), plan3, name="decoder"),                       # stage name
+    ]
+    assert all(k != base for k in different) and len(set(different)) == len(different)
+    # Guidance scales a half-precision tensor holds exactly share one graph; others are baked into their own.
+    fp16 = lambda s: _key(x, _toy_stage(w, s), plan3, dtype=torch.float16)  # noqa: E731
+    assert fp16(4.0) == fp16(8.0) == fp16(7.5)
+    assert fp16(3.3) != fp16(4.0) and fp16(3.3) != fp16(3.4)
+    assert _key(x, _toy_stage(w, 3.3), plan3) == base  # fp32 holds every fp32 scale
+
+
+def test_lru_cache_is_bounded_and_keeps_recent_entries():
+    g = StageGraphs("cpu", capture=False, max_graphs=2)
+    plan = samplers.make_plan(None, 3)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(batch, scale=2.0):
+        x = torch.randn(batch, 3, 4, 4, generator=gen)
+        noise = [torch.randn(x.shape, generator=gen) if d else None for d in plan.draws_noise]
+        stage = _toy_stage(torch.full((1,), 0.5), scale)
+        with torch.inference_mode():
+            got = g.run("toy", plan, x, noise, stage, torch.float32)
+            expected = run_loop(plan, x, stage.make_denoise(stage.conditioning, scale), noise)
+        assert torch.equal(got, expected)
+        return graph_key("toy", plan, x, noise, stage, torch.float32)
+
+    k1, k2 = run(1), run(2)
+    assert g.keys() == [k1, k2]
+    run(1, scale=3.0)                   # a hit (the scale is a device tensor): k1 becomes most recent
+    assert g.keys() == [k2, k1] and g.stats["replays"] == 1
+    k3 = run(3)                          # evicts k2, the least recently used
+    assert g.keys() == [k1, k3] and g.stats["evictions"] == 1
+    g.clear()
+    assert len(g) == 0
+
+
+def test_construction_and_backend_selection(monkeypatch):
+    with pytest.raises(ValueError, match="max_graphs"):
+        StageGraphs("cpu", capture=False, max_graphs=0)
+    with pytest.raises(ValueError, match="CUDA device"):
+        StageGraphs("cpu")
+    assert StageGraphs.for_backend("torch", "cuda") is None
+    assert StageGraphs.for_backend("fast", "cpu") is None
+    monkeypatch.setenv("UNCLIP_CUDA_GRAPHS", "0")
+    assert StageGraphs.for_backend("fast", "cuda") is None
+    monkeypatch.delenv("UNCLIP_CUDA_GRAPHS")
+    assert isinstance(StageGraphs.for_backend("fast", "cuda"), StageGraphs)  # constructing touches no GPU
+
+
+def test_torch_backend_keeps_the_plain_loop(plain):
+    assert plain._graphs is None
+
+
+# --------------------------------------------------------------------------------------------- CUDA
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (and TRITON_INTERPRET unset)")
+
+
+def _psnr(a, b):
+    mse = ((a.double() - b.double()) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+@pytest.fixture(scope="module")
+def cuda_pipes():
+    if not CUDA:
+        pytest.skip("needs a CUDA device")
+    fast = unclip.Pipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16, backend="fast")
+    eager = unclip.Pipeline(fast.components, device="cuda", dtype=torch.float16, backend="fast")
+    eager._graphs = None  # the same Triton kernels, no capture
+    torch16 = unclip.Pipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16)
+    assert isinstance(fast._graphs, StageGraphs)
+    return fast, eager, torch16
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_replay_equals_eager_and_new_seeds_give_new_images(cuda_pipes):
+    fast, eager, torch16 = cuda_pipes
+    first = _call(fast, seed=1)                       # warm-up + capture
+    assert fast._graphs.stats["captures"] == 3
+    replay1 = _call(fast, seed=1)                     # replay, same seed
+    replay2 = _call(fast, seed=2)                     # replay, new noise
+    other = _call(fast, "a yellow star", seed=2)      # replay, new conditioning
+    assert fast._graphs.stats["replays"] == 9 and fast._graphs.stats["failures"] == 0
+    torch.testing.assert_close(replay1, first, rtol=0, atol=1e-3)
+    torch.testing.assert_close(replay2, _call(eager, seed=2), rtol=0, atol=1e-3)
+    torch.testing.assert_close(other, _call(eager, "a yellow star", seed=2), rtol=0, atol=1e-3)
+    assert (replay2 - replay1).abs().max() > 0.05 and (other - replay2).abs().max() > 0.05
+    assert torch.equal(_call(fast, seed=2), replay2)  # replays are deterministic
+    # Guidance 6 is exact in fp16: the same graphs serve it.
+    n = len(fast._graphs)
+    torch.testing.assert_close(_call(fast, seed=3, decoder_guidance_scale=6.0),
+                               _call(eager, seed=3, decoder_guidance_scale=6.0), rtol=0, atol=1e-3)
+    assert len(fast._graphs) == n
+    # Against the plain torch backend in fp16 (other kernels): close, not equal.
+    assert _psnr(_call(fast, seed=4), _call(torch16, seed=4)) > 25
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_capture_failure_falls_back_with_a_warning():
+    g = StageGraphs("cuda")
+    plan = samplers.make_plan(None, 3)
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    noise = [torch.randn_like(x) if d else None for d in plan.draws_noise]
+
+    def make_denoise(cond, scale):
+        def call(x_in, t, i):
+            if float(cond["w"].sum()) > -1:  # a host sync: legal eagerly, illegal while capturing
+                return x_in * cond["w"]
+            return x_in
+        return call
+    stage = GraphStage(make_denoise, {"w": torch.full((1,), 0.5, device="cuda")})
+    expected = run_loop(plan, x, make_denoise(stage.conditioning, None), noise)
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match="capture of stage 'toy' failed"):
+            got = g.run("toy", plan, x, noise, stage, torch.float32)
+        assert torch.equal(got, expected)
+        assert g.run("toy", plan, x, noise, stage, torch.float32) is None  # eager from now on
+    # The device is still usable after the failed capture.
+    assert torch.equal(run_loop(plan, x, make_denoise(stage.conditioning, None), noise), expected)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_threads_eviction_and_non_finite_stage(cuda_pipes):
+    fast, eager, _ = cuda_pipes
+    expected = {s: _call(eager, seed=s) for s in range(3)}
+    results = {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, _call(fast, seed=s))) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in range(3):
+        torch.testing.assert_close(results[s], expected[s], rtol=0, atol=1e-3)
+    # A cache of one graph: every stage evicts the previous one; answers stay right.
+    small = unclip.Pipeline(fast.components, device="cuda", dtype=torch.float16, backend="fast")
+    small._graphs = StageGraphs("cuda", max_graphs=1)
+    for s in (5, 6):
+        torch.testing.assert_close(_call(small, seed=s), _call(eager, seed=s), rtol=0, atol=1e-3)
+    assert small._graphs.stats["evictions"] >= 5
+    # A NaN inside a captured stage is still reported with the stage's name.
+    bad = unclip.Pipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16, backend="fast")
+    _call(bad)
+    with torch.no_grad():
+        bad.components.decoder.conv_out.bias.fill_(float("nan"))  # in place: the captured graph sees it
+    with pytest.raises(unclip.NonFiniteError, match="stage 'decoder'"):
+        _call(bad)
+    assert bad._graphs.stats["replays"] >= 1
