@@ -418,7 +418,8 @@ def analyse(entry: dict, workdir: Path, tag: str, env: dict) -> None:
                     db = psnr(ia, ib)
                     identical = math.isinf(db)  # JSON has no infinity: identical images get psnr_db null
                     rows.append({"a": a, "b": b, "batch": batch, "psnr_db": None if identical else db,
-                                 "identical": identical, "max_abs_diff": float(np.abs(ia.astype(np.float32) - ib).max()),
+                                 "identical": identical,
+                                 "max_abs_diff": float(np.abs(ia.astype(np.float32) - ib).max()),
                                  "goal_db": goal, "met": None if goal is None else (identical or db >= goal)})
     entry["psnr"] = rows
 

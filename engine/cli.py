@@ -15,7 +15,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", help="a diffusers-layout unCLIP folder (e.g. Karlo v1 alpha)")
-    src.add_argument("--preset", default=None, help="random-weight preset: tiny | karlo | dalle2 (default: tiny)")
+    src.add_argument("--preset", default=None,
+                     help="toy (trained on the shapes world, the default) | random weights: tiny | karlo | dalle2")
     g.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, nargs=3, metavar=("PRIOR", "DECODER", "SUPER_RES"), default=(25, 25, 7))
@@ -55,7 +56,7 @@ def _generate(args) -> int:
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
         source = {"model": os.path.abspath(args.model)}
     else:
-        preset = args.preset or "tiny"
+        preset = args.preset or "toy"
         pipe = Pipeline.from_preset(preset, seed=0, device=args.device, dtype=args.dtype, backend=args.backend)
         source = {"preset": preset}
     generator = torch.Generator().manual_seed(args.seed)

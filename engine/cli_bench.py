@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     src = b.add_mutually_exclusive_group()
     src.add_argument("--model", help="a diffusers-layout unCLIP folder")
-    src.add_argument("--preset", default=None, help="random-weight preset: tiny | karlo | dalle2 (default: tiny)")
+    src.add_argument("--preset", default=None, help="tiny | karlo | dalle2 (random weights) | toy (default: tiny)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     b.add_argument("--backend", default="torch")

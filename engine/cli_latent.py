@@ -12,14 +12,14 @@ COMMANDS = ("vary", "interpolate", "edit")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def _common(p, *, steps, guidance, out):
+def _common(p, *, steps, guidance, out, guidance_help="decoder guidance scale"):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a diffusers-layout unCLIP folder with image_encoder/ (e.g. Karlo's "
                                      "image-variation release)")
     src.add_argument("--preset", default=None, help="random-weight preset: tiny | karlo | dalle2 (default: tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, nargs=2, metavar=("DECODER", "SUPER_RES"), default=steps)
-    p.add_argument("--guidance", type=float, default=guidance, help="decoder guidance scale")
+    p.add_argument("--guidance", type=float, default=guidance, help=guidance_help)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--backend", default="torch")
@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
                    help="fixed: one decoder noise for all; inverted: slerp the images' DDIM-inverted noise too")
     i.add_argument("--prior-steps", type=int, default=25)
     i.add_argument("--prior-guidance", type=float, default=4.0)
-    _common(i, steps=(25, 7), guidance=None, out="interpolation.png")
+    _common(i, steps=(25, 7), guidance=None, out="interpolation.png",
+            guidance_help="decoder guidance scale (default: 8 with --noise fixed, 1 with --noise inverted)")
 
     e = sub.add_parser("edit", help="edit an image along a caption difference (a CLIP text diff)")
     e.add_argument("image", help="input image file")
@@ -145,6 +146,8 @@ def run(args) -> int:
         return 0
 
     if args.command == "interpolate":
+        if args.guidance is None:  # the library's defaults, recorded as used
+            args.guidance = 8.0 if args.noise == "fixed" else 1.0
         start, start_info = _endpoint(args.start, "start")
         end, end_info = _endpoint(args.end, "end")
         out = pipe.interpolate(start, end, args.num, noise=args.noise, generator=generator,

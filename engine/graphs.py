@@ -41,7 +41,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -59,8 +59,8 @@ class GraphStage:
     """What a stage builder hands `Pipeline._run` so the stage's loop can be captured.
 
     make_denoise(conditioning, scale) -> denoise(x, t, i): the stage's denoise built around the given
-        conditioning tensors and guidance scale (a float in the eager loop, a 0-dim device tensor in a
-        graph); must read nothing else that changes between calls.
+        conditioning tensors and guidance scale (a Python float, or in a graph a 0-dim fp32 device tensor
+        when that is exact; see `graph_key`); must read nothing else that changes between calls.
     conditioning: the tensors denoise reads, by name (copied into static buffers on every replay).
     scale: the guidance scale, or None when the stage is unguided.
     key: hashable parts that change the captured work but are not tensors (e.g. CFG on/off).
@@ -108,7 +108,8 @@ def _storage_signature(modules: Sequence[torch.nn.Module]) -> tuple:
         if id(m) in seen:
             continue
         seen.add(id(m))
-        sig.extend(t.data_ptr() for t in itertools.chain(m.parameters(), m.buffers()))
+        if isinstance(m, torch.nn.Module):  # other executors (e.g. TensorRT engines) hold no torch parameters
+            sig.extend(t.data_ptr() for t in itertools.chain(m.parameters(), m.buffers()))
     return tuple(sig)
 
 

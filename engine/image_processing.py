@@ -104,7 +104,10 @@ class ImageProcessorConfig:
         crop_size = None
         if flag("do_center_crop"):
             crop = cfg.get("crop_size", 224, types=(int, dict, list))
-            crop_size = (positive_int(crop, "crop_size"),) * 2 if isinstance(crop, int) else height_width("crop_size", crop)
+            if isinstance(crop, int):
+                crop_size = (positive_int(crop, "crop_size"),) * 2
+            else:
+                crop_size = height_width("crop_size", crop)
             if crop_size is None:
                 raise cfg.error("crop_size", f"= {crop!r} is not supported (supported: an int or "
                                              "{'height': h, 'width': w})")

@@ -297,7 +297,7 @@ def _empty_caption_denoiser(pipe, embeds: torch.Tensor, scale: float):
     """The decoder's denoise(x, t, i) for these image embeddings and the empty caption (guided if scale > 1)."""
     rows = embeds.shape[0]
     cfg = scale > 1.0
-    text_embeds, text_hidden, text_mask = pipe.encode_prompt([""], rows, guidance=cfg)
+    text_embeds, text_hidden, text_mask = _empty_captions(pipe, 1, rows, cfg)
     return pipe._decoder_denoiser(embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale)
 
 

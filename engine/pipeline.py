@@ -159,20 +159,24 @@ class Pipeline:
         `num_images_per_prompt` times). Returns (text_embeds, hidden_states, mask)."""
         c = self.components
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        tokens = c.tokenizer(prompts)
-        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        embeds, hidden = c.text_encoder(ids)
+        embeds, hidden, mask = self._encode_texts(prompts)
         n = num_images_per_prompt
         embeds, hidden, mask = (t.repeat_interleave(n, dim=0) for t in (embeds, hidden, mask))
-        if guidance:
-            empty = c.tokenizer([""])
-            u_ids, u_mask = empty.input_ids.to(self.device), empty.attention_mask.to(self.device)
-            u_embeds, u_hidden = c.text_encoder(u_ids)
-            rows = embeds.shape[0]
-            embeds = torch.cat([u_embeds.expand(rows, -1), embeds])
-            hidden = torch.cat([u_hidden.expand(rows, -1, -1), hidden])
-            mask = torch.cat([u_mask.expand(rows, -1), mask])
+        return self._with_uncond(embeds, hidden, mask, len(prompts), n) if guidance else (embeds, hidden, mask)
+
+    def _encode_texts(self, prompts: list[str]):
+        tokens = self.components.tokenizer(prompts)
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        embeds, hidden = self.components.text_encoder(ids)
         return embeds, hidden, mask
+
+    def _with_uncond(self, embeds, hidden, mask, batch: int, n: int):
+        """Prepend the empty caption's features. They are encoded as a batch of `batch` rows, as diffusers
+        does: CPU kernels round differently with the batch size, and Karlo's first super-resolution step
+        amplifies even one-ulp differences, so the same batch shape keeps us bit-identical."""
+        u = self._encode_texts([""] * batch)
+        u_embeds, u_hidden, u_mask = (t.repeat_interleave(n, dim=0) for t in u)
+        return torch.cat([u_embeds, embeds]), torch.cat([u_hidden, hidden]), torch.cat([u_mask, mask])
 
     # ------------------------------------------------------------------ stages
     def _plan(self, scheduler, steps, sampler, eta):
@@ -362,15 +366,9 @@ class Pipeline:
 
     def _text_from_output(self, text_model_output, mask, n, cfg):
         embeds, hidden = text_model_output[0].to(self.device, self.dtype), text_model_output[1].to(self.device, self.dtype)
-        mask = mask.to(self.device).bool()
-        embeds, hidden, mask = (t.repeat_interleave(n, dim=0) for t in (embeds, hidden, mask))
-        if cfg:
-            u_embeds, u_hidden, u_mask = self.encode_prompt([""], 1, guidance=False)
-            rows = embeds.shape[0]
-            embeds = torch.cat([u_embeds.expand(rows, -1), embeds])
-            hidden = torch.cat([u_hidden.expand(rows, -1, -1), hidden])
-            mask = torch.cat([u_mask.expand(rows, -1), mask])
-        return embeds, hidden, mask
+        batch = embeds.shape[0]
+        embeds, hidden, mask = (t.repeat_interleave(n, dim=0) for t in (embeds, hidden, mask.to(self.device).bool()))
+        return self._with_uncond(embeds, hidden, mask, batch, n) if cfg else (embeds, hidden, mask)
 
     def _prior_stage(self, text_embeds, text_hidden, text_mask, rows, k, cfg, scale, steps, sampler_of, eta_of,
                      latents, generator, callback, progress):
@@ -441,8 +439,9 @@ class Pipeline:
         plan = self._plan(up.scheduler, steps[up.name], sampler_of[up.name], eta_of[up.name])
         x = self._initial((rows, channels, size, size), latents, generator,
                           "super_res_latents" if up.name == "super_res" else f"super_res_latents[{up.name}]")
-        upscaled = F.interpolate(low_res.to(self.dtype), size=[size, size], mode="bicubic", align_corners=False,
-                                 antialias=True)
+        # Resample in fp32 (the CPU has no half-precision antialiased bicubic), then cast for the network.
+        upscaled = F.interpolate(low_res.float(), size=[size, size], mode="bicubic", align_corners=False,
+                                 antialias=True).to(self.dtype)
         last_step = plan.num_steps - 1
 
         def make_denoise(cond, scale):

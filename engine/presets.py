@@ -1,5 +1,6 @@
 """Random-weight cascades of known shapes: `tiny` (seconds on a CPU), `karlo` (exactly Karlo v1 alpha's
-configs, DESIGN §2) and `dalle2` (the paper's sizes, with a second, 256→1024 upsampler).
+configs, DESIGN §2) and `dalle2` (the paper's sizes, with a second, 256→1024 upsampler). Plus `toy`, the one
+preset with trained weights: a small cascade for the shapes world (`unclip.shapes`), loaded from engine/assets/toy.
 
 Configs are written as the `config.json` dicts the reference libraries use, so a preset goes through the
 same validation as a folder on disk, and `Pipeline.save_pretrained` writes a folder diffusers can load.
@@ -7,13 +8,16 @@ same validation as a folder on disk, and `Pipeline.save_pretrained` writes a fol
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from .config import Config
 from .loading import Components, SchedulerConfig, Upsampler, _model_classes
 
-PRESETS = ("tiny", "karlo", "dalle2")
+PRESETS = ("tiny", "karlo", "dalle2", "toy")
+# The embedded default: a small cascade trained on the shapes world (unclip.shapes; training/ in the repo).
+TOY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
 
 
 def _clip_text(vocab_size, width, layers, heads, projection_dim, max_positions=77):
@@ -118,6 +122,9 @@ def preset_configs(name: str) -> dict:
             "image_encoder": _clip_vision(1024, 24, 16, 768, 224, 14),
             "feature_extractor": dict(CLIP_VIT_L14_PREPROCESSOR),
         }
+    if name == "toy":
+        raise ValueError("preset 'toy' is trained weights, not a random-weight config: load it with "
+                         "build_preset('toy') or Pipeline.from_preset('toy')")
     raise ValueError(f"preset name must be one of {', '.join(PRESETS)}; got {name!r}")
 
 
@@ -147,7 +154,11 @@ def _randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def build_preset(name: str, *, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32) -> Components:
-    """A random-weight cascade. `device="meta"` builds the structure only (for sizes of the large presets)."""
+    """A random-weight cascade. `device="meta"` builds the structure only (for sizes of the large presets).
+    "toy" is the exception: the trained shapes-world cascade shipped in engine/assets/toy (`seed` is unused)."""
+    if name == "toy":
+        from .loading import load_components
+        return load_components(TOY_PATH, device=device, dtype=dtype)
     return build_components(preset_configs(name), seed=seed, device=device, dtype=dtype, label=f"preset '{name}'")
 
 

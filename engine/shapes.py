@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import colorsys
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -70,6 +70,7 @@ class Judgement:
     position: str | None
     background: str
     found: bool
+    hue: float | None = field(default=None, compare=False)  # of the object's mean colour, in [0, 1)
 
     def attributes(self) -> dict[str, str | None]:
         return {a: getattr(self, a) for a in ATTRIBUTES}
@@ -263,7 +264,8 @@ def judge(image) -> Judgement:
         return Judgement(None, None, None, None, background, False)
 
     core = mask & (distance > 0.75 * strength)
-    colour = _hue_name(rgb[core if core.any() else mask].mean(axis=0))
+    object_rgb = rgb[core if core.any() else mask].mean(axis=0)
+    colour, hue = _hue_name(object_rgb), float(colorsys.rgb_to_hsv(*(object_rgb / 255.0))[0])
 
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1  # bounding box, pixel edges
     extent = max(x1 - x0, y1 - y0) / max(h, w)
@@ -278,7 +280,7 @@ def judge(image) -> Judgement:
     region = _dilate(mask)
     alpha = np.where(region, np.clip(distance / strength, 0.0, 1.0), 0.0)
     shape = max(SHAPES, key=lambda s: _best_overlap(s, alpha, x0, x1, y0, y1))
-    return Judgement(colour, shape, size, position, background, True)
+    return Judgement(colour, shape, size, position, background, True, hue)
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
@@ -318,3 +320,48 @@ def match(judgement: Judgement, wanted: dict[str, str]) -> dict[str, bool]:
         raise ValueError(f"unknown attribute(s) {sorted(unknown)}; attributes are {', '.join(ATTRIBUTES)}")
     got = judgement.attributes()
     return {a: got[a] == v for a, v in wanted.items()}
+
+
+# ----------------------------------------------------------------------------------------------- caption match
+
+def benchmark_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` deterministic prompts that always name colour, shape and position, and name size and background
+    half of the time each (what the caption-match benchmark and tests generate)."""
+    scenes = sample_scenes(n, seed)
+    rng = np.random.default_rng(seed + 1)
+    prompts = []
+    for s in scenes:
+        optional = [a for a in ("size", "background") if rng.random() < 0.5]
+        prompts.append(caption(s, [a for a in ATTRIBUTES if a in ("colour", "shape", "position") or a in optional]))
+    return prompts
+
+
+def caption_match(pipe, prompts: list[str], *, seed: int = 0, batch_size: int = 16, **call_kwargs) -> dict:
+    """Generate one image per prompt with `pipe` (batches of `batch_size`, batch k seeded `seed + k` on a CPU
+    generator), judge each image, and score it against the attributes its prompt names.
+
+    Returns {"accuracy": {attribute: fraction of prompts naming it whose image has it}, "counts": {attribute:
+    prompts naming it}, "judgements": [Judgement per prompt], "images": (N, H, W, 3) uint8}."""
+    import torch
+
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of str")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    call_kwargs.setdefault("progress", False)
+    images = []
+    for k, start in enumerate(range(0, len(prompts), batch_size)):
+        generator = torch.Generator().manual_seed(seed + k)
+        out = pipe(prompts[start:start + batch_size], generator=generator, output_type="np", **call_kwargs)
+        images.append(np.round(np.asarray(out.images) * 255).astype(np.uint8))
+    images = np.concatenate(images)
+    judgements = judge_batch(images)
+    hits = {a: 0 for a in ATTRIBUTES}
+    counts = {a: 0 for a in ATTRIBUTES}
+    for prompt, j in zip(prompts, judgements):
+        for attr, ok in match(j, parse_caption(prompt)).items():
+            counts[attr] += 1
+            hits[attr] += int(ok)
+    accuracy = {a: hits[a] / counts[a] for a in ATTRIBUTES if counts[a]}
+    return {"accuracy": accuracy, "counts": {a: c for a, c in counts.items() if c}, "judgements": judgements,
+            "images": images}

@@ -465,6 +465,12 @@ def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, o
     is written), ExportError, OSError; on any failure `out` is left as it was.
     """
     name, torch_dtype = resolve_dtype(dtype)
+    for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript")):
+        try:
+            __import__(module)
+        except ImportError:
+            raise ImportError(f"ONNX export needs the {package} package (pip install onnx onnxscript, or "
+                              "unclip-engine[onnx])") from None
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
         raise ValueError(f"opset must be an int in {OPSETS.start}..{OPSETS.stop - 1}; got {opset!r}")
     out = prepare_out(out, overwrite)

@@ -55,6 +55,9 @@ class OrtExecutor:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
+        # Between two graph calls the sampler's torch ops run; ORT's default spin-waiting threads would keep
+        # the cores busy and slow those down (several-fold on a 2-core machine).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(path, sess_options=options,

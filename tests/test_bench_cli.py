@@ -10,8 +10,8 @@ ARGS = ["bench", "--preset", "tiny", "--steps", "2", "2", "2", "--quiet"]
 
 def test_bench_writes_json_with_stages_and_a_chrome_trace(tmp_path):
     out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
-    assert main(ARGS + ["--steps", "1", "2", "1", "--batch", "1", "2", "--runs", "2", "--warmup", "0", "--json", str(out),
-                        "--profile", str(trace)]) == 0
+    assert main(ARGS + ["--steps", "1", "2", "1", "--batch", "1", "2", "--runs", "2", "--warmup", "0",
+                        "--json", str(out), "--profile", str(trace)]) == 0
     report = json.loads(out.read_text())
     assert report["schema"] == "unclip-bench/1" and report["kind"] == "bench"
     env = report["environment"]

@@ -124,6 +124,14 @@ def test_bad_arguments_are_clear_and_harmless(pipe, kwargs, error, pattern):
     assert _call(pipe).images.shape == (1, 3, 32, 32)  # still usable afterwards
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_on_cpu(dtype):
+    half = unclip.Pipeline.from_preset("tiny", seed=0, dtype=dtype)
+    images = _call(half).images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    assert half.components.decoder.conv_in.weight.dtype == dtype
+
+
 def test_long_prompt_is_truncated_with_a_warning(pipe):
     with pytest.warns(UserWarning, match="longer than the 77 tokens"):
         _call(pipe, prompt="red " * 100)

@@ -17,7 +17,8 @@ from unclip import samplers
 from unclip.graphs import GraphStage, StageGraphs, graph_key
 from unclip.sampling import run_loop
 
-STEPS = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
+# Two super-resolution steps: the loop switches from the first to the last network.
+STEPS = dict(prior_num_inference_steps=1, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
@@ -30,6 +31,17 @@ def _call(pipe, prompt="a blue square", seed=0, **kw):
 @pytest.fixture(scope="module")
 def plain():
     return unclip.Pipeline.from_preset("tiny", seed=0)
+
+
+_EXPECTED: dict = {}
+
+
+def _expected(plain, prompt="a blue square", seed=0, **kw):
+    """The plain pipeline's images, memoised across tests (its weights never change)."""
+    key = (str(prompt), seed, tuple(sorted(kw.items())))
+    if key not in _EXPECTED:
+        _EXPECTED[key] = _call(plain, prompt, seed, **kw)
+    return _EXPECTED[key]
 
 
 def _static_twin(pipe, **kw):
@@ -52,7 +64,7 @@ def test_capturable_loop_run_eagerly_equals_plain_loop_bit_for_bit(plain):
         dict(prompt="ddim", seed=3, sampler="ddim", eta=0.7),                   # DDIM with noise buffers
     ]
     for case in cases:
-        expected = _call(plain, **case)
+        expected = _expected(plain, **case)
         got = _call(twin, **case)
         assert torch.equal(got, expected), case
     assert expected.std() > 0.01  # not vacuous
@@ -67,7 +79,7 @@ def test_callbacks_and_no_inference_mode_run_eagerly(plain):
     seen = []
     got = _call(twin, callback=lambda stage, i, t, x: seen.append(stage))
     assert len(seen) == sum(STEPS.values()) and len(twin._graphs) == 0  # per-step callbacks need the eager loop
-    assert torch.equal(got, _call(plain))
+    assert torch.equal(got, _expected(plain))
     stage = GraphStage(lambda cond, scale: (lambda x, t, i: x), {})
     plan = samplers.make_plan(None, 2)
     assert twin._graphs.run("s", plan, torch.zeros(1, 2), [torch.zeros(1, 2), None], stage, torch.float32) is None
@@ -82,13 +94,15 @@ def test_failed_capture_warns_once_and_falls_back_to_eager(plain, monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(g, "_capture", broken_capture)
     with pytest.warns(RuntimeWarning, match=r"CUDA-graph capture of stage '(prior|decoder|super_res)' failed"):
-        first = _call(twin, seed=4)
-    assert torch.equal(first, _call(plain, seed=4))  # the first call's answer comes from the eager warm-up
+        first = _call(twin)
+    assert torch.equal(first, _expected(plain))  # the first call's answer comes from the eager warm-up
     assert g.stats["failures"] == 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning: the configuration now runs eagerly
-        again = _call(twin, seed=5)
-    assert torch.equal(again, _call(plain, seed=5))
+        again = _call(twin, "a green triangle", 2, prior_guidance_scale=6.5, decoder_guidance_scale=3.0)
+    assert torch.equal(again, _expected(plain, "a green triangle", 2, prior_guidance_scale=6.5,
+                                        decoder_guidance_scale=3.0))
+    assert g.stats["failures"] == 3 and g.stats["replays"] == 0
 
 
 class _StandInGraph:
@@ -116,8 +130,9 @@ def test_replay_path_copies_inputs_and_detects_replaced_weights(plain, monkeypat
         graphs.append(_StandInGraph(entry))
         return graphs[-1], graphs[-1].out
     monkeypatch.setattr(g, "_capture", stand_in)
-    for seed, prompt in ((0, "one"), (1, "two")):
-        assert torch.equal(_call(twin, prompt, seed), _call(base, prompt, seed))
+    scales = dict(prior_guidance_scale=6.5, decoder_guidance_scale=3.0)
+    for prompt, seed, kw in (("a blue square", 0, {}), ("a green triangle", 2, scales)):  # capture, then replay
+        assert torch.equal(_call(twin, prompt, seed, **kw), _expected(base, prompt, seed, **kw))
     assert g.stats["captures"] == 3 and sum(s.replays for s in graphs) == 3
     # A replaced (not in-place updated) parameter: the graph would read freed memory, so it is re-captured.
     old = comps.decoder.conv_out.bias
@@ -219,9 +234,25 @@ def test_torch_backend_keeps_the_plain_loop(plain):
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (and TRITON_INTERPRET unset)")
 
 
+GPU_STEPS = dict(prior_num_inference_steps=10, decoder_num_inference_steps=10, super_res_num_inference_steps=4)
+
+
+def _gpu_call(pipe, prompt="a blue square", seed=0, **kw):
+    return _call(pipe, prompt, seed, **{**GPU_STEPS, **kw})
+
+
 def _psnr(a, b):
     mse = ((a.double() - b.double()) ** 2).mean().item()
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def _assert_same_images(got, expected):
+    """Same kernels on the same inputs should agree to the bit; allow rare isolated pixels, because Karlo's
+    first super-resolution step (x0 = x/sqrt(a) with a ~ 2e-9) turns a one-ulp difference into a visible one."""
+    diff = (got.float() - expected.float()).abs()
+    close = (diff <= 2e-3).float().mean().item()
+    assert close >= 0.995 and diff.mean().item() <= 2e-3, \
+        f"{close:.2%} of values within 2e-3, mean |diff| {diff.mean().item():.2e}, max {diff.max().item():.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -240,24 +271,29 @@ def cuda_pipes():
 @needs_cuda
 def test_cuda_replay_equals_eager_and_new_seeds_give_new_images(cuda_pipes):
     fast, eager, torch16 = cuda_pipes
-    first = _call(fast, seed=1)                       # warm-up + capture
+    first = _gpu_call(fast, seed=1)                       # warm-up (this call's answer) + capture
     assert fast._graphs.stats["captures"] == 3
-    replay1 = _call(fast, seed=1)                     # replay, same seed
-    replay2 = _call(fast, seed=2)                     # replay, new noise
-    other = _call(fast, "a yellow star", seed=2)      # replay, new conditioning
+    replay1 = _gpu_call(fast, seed=1)                     # replay, same seed
+    replay2 = _gpu_call(fast, seed=2)                     # replay, new noise
+    other = _gpu_call(fast, "a yellow star", seed=2)      # replay, new conditioning
     assert fast._graphs.stats["replays"] == 9 and fast._graphs.stats["failures"] == 0
-    torch.testing.assert_close(replay1, first, rtol=0, atol=1e-3)
-    torch.testing.assert_close(replay2, _call(eager, seed=2), rtol=0, atol=1e-3)
-    torch.testing.assert_close(other, _call(eager, "a yellow star", seed=2), rtol=0, atol=1e-3)
-    assert (replay2 - replay1).abs().max() > 0.05 and (other - replay2).abs().max() > 0.05
-    assert torch.equal(_call(fast, seed=2), replay2)  # replays are deterministic
-    # Guidance 6 is exact in fp16: the same graphs serve it.
+    _assert_same_images(replay1, first)
+    _assert_same_images(replay2, _gpu_call(eager, seed=2))
+    _assert_same_images(other, _gpu_call(eager, "a yellow star", seed=2))
+    assert (replay2 - replay1).abs().mean() > 0.01 and (other - replay2).abs().mean() > 0.01  # not stale
+    assert torch.equal(_gpu_call(fast, seed=2), replay2)  # replays are deterministic
+    # Guidance 6 is exact in fp16: the same graphs serve it, with the new scale.
     n = len(fast._graphs)
-    torch.testing.assert_close(_call(fast, seed=3, decoder_guidance_scale=6.0),
-                               _call(eager, seed=3, decoder_guidance_scale=6.0), rtol=0, atol=1e-3)
-    assert len(fast._graphs) == n
-    # Against the plain torch backend in fp16 (other kernels): close, not equal.
-    assert _psnr(_call(fast, seed=4), _call(torch16, seed=4)) > 25
+    six = _gpu_call(fast, seed=3, decoder_guidance_scale=6.0)
+    _assert_same_images(six, _gpu_call(eager, seed=3, decoder_guidance_scale=6.0))
+    assert len(fast._graphs) == n and (six - _gpu_call(fast, seed=3)).abs().mean() > 1e-3
+    # 3.3 is not exact in fp16: its own graphs, with the scale baked in as the eager loop uses it.
+    _assert_same_images(_gpu_call(fast, seed=3, decoder_guidance_scale=3.3),
+                        _gpu_call(eager, seed=3, decoder_guidance_scale=3.3))
+    assert len(fast._graphs) == n + 1  # the decoder only: the prior's scale is unchanged
+    # Against the plain torch backend in fp16 (other attention / group-norm kernels): close, not equal.
+    db = _psnr(_gpu_call(fast, seed=4), _gpu_call(torch16, seed=4))
+    assert db > 30, db
 
 
 @pytest.mark.gpu
@@ -289,26 +325,27 @@ def test_cuda_capture_failure_falls_back_with_a_warning():
 @needs_cuda
 def test_cuda_threads_eviction_and_non_finite_stage(cuda_pipes):
     fast, eager, _ = cuda_pipes
-    expected = {s: _call(eager, seed=s) for s in range(3)}
+    expected = {s: _gpu_call(eager, seed=s) for s in range(3)}
     results = {}
-    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, _call(fast, seed=s))) for s in range(3)]
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, _gpu_call(fast, seed=s)))
+               for s in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     for s in range(3):
-        torch.testing.assert_close(results[s], expected[s], rtol=0, atol=1e-3)
+        _assert_same_images(results[s], expected[s])
     # A cache of one graph: every stage evicts the previous one; answers stay right.
     small = unclip.Pipeline(fast.components, device="cuda", dtype=torch.float16, backend="fast")
     small._graphs = StageGraphs("cuda", max_graphs=1)
     for s in (5, 6):
-        torch.testing.assert_close(_call(small, seed=s), _call(eager, seed=s), rtol=0, atol=1e-3)
+        _assert_same_images(_gpu_call(small, seed=s), _gpu_call(eager, seed=s))
     assert small._graphs.stats["evictions"] >= 5
     # A NaN inside a captured stage is still reported with the stage's name.
     bad = unclip.Pipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16, backend="fast")
-    _call(bad)
+    _gpu_call(bad)
     with torch.no_grad():
         bad.components.decoder.conv_out.bias.fill_(float("nan"))  # in place: the captured graph sees it
     with pytest.raises(unclip.NonFiniteError, match="stage 'decoder'"):
-        _call(bad)
+        _gpu_call(bad)
     assert bad._graphs.stats["replays"] >= 1

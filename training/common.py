@@ -46,8 +46,8 @@ def text_encoder_config(vocab_size: int) -> dict:
 
 def image_encoder_config() -> dict:
     return {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
-            "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
-            "num_channels": 3, "image_size": BASE_SIZE, "patch_size": 4, "projection_dim": CLIP_DIM,
+            "hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_channels": 3, "image_size": BASE_SIZE, "patch_size": 8, "projection_dim": CLIP_DIM,
             "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 
 
@@ -59,23 +59,23 @@ def prior_config() -> dict:
 
 def text_proj_config() -> dict:
     return {"_class_name": "UnCLIPTextProjModel", "clip_extra_context_tokens": 4, "clip_embeddings_dim": CLIP_DIM,
-            "time_embed_dim": 128, "cross_attention_dim": 64}
+            "time_embed_dim": 64, "cross_attention_dim": 64}
 
 
 def decoder_config() -> dict:
-    channels = (32, 64, 128)
+    channels = (16, 32, 64)
     return {"_class_name": "UNet2DConditionModel", "sample_size": BASE_SIZE, "in_channels": 3, "out_channels": 6,
             "layers_per_block": 1, "block_out_channels": list(channels),
             "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
             "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
             "up_block_types": ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
-            "cross_attention_dim": 64, "attention_head_dim": 32, "class_embed_type": "identity",
+            "cross_attention_dim": 64, "attention_head_dim": 16, "class_embed_type": "identity",
             "resnet_time_scale_shift": "scale_shift", "norm_num_groups": 8}
 
 
 def super_res_config() -> dict:
     return {"_class_name": "UNet2DModel", "sample_size": shapes.IMAGE_SIZE, "in_channels": 6, "out_channels": 3,
-            "layers_per_block": 1, "block_out_channels": [32, 64],
+            "layers_per_block": 1, "block_out_channels": [16, 32],
             "down_block_types": ["ResnetDownsampleBlock2D"] * 2, "up_block_types": ["ResnetUpsampleBlock2D"] * 2,
             "add_attention": False, "norm_num_groups": 8}
 

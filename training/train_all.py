@@ -27,9 +27,9 @@ import common as C  # noqa: E402
 
 # Steps and batch sizes of the shipped weights (seed 0).
 RECIPE = {
-    "clip": {"steps": 400, "batch": 128, "lr": 2e-3},
-    "prior": {"steps": 2000, "batch": 128, "lr": 1e-3},
-    "decoder": {"steps": 3000, "batch": 32, "lr": 1e-3},
+    "clip": {"steps": 500, "batch": 128, "lr": 3e-3},
+    "prior": {"steps": 2500, "batch": 64, "lr": 1e-3},
+    "decoder": {"steps": 1800, "batch": 16, "lr": 1e-3},
     "upsampler": {"steps": 1500, "batch": 32, "lr": 1e-3},
 }
 SEED_OFFSETS = {"clip": 0, "prior": 100, "decoder": 200, "upsampler": 300}

@@ -132,7 +132,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--patch", type=int, default=None, help="image tower patch size (default: common.py's)")
     p.add_argument("--width", type=int, default=None, help="image tower width")
     p.add_argument("--layers", type=int, default=None, help="image tower layers")

@@ -1,0 +1,107 @@
+"""Caption match of the toy cascade: generate one image per prompt with fixed seeds, judge each image by pixel
+analysis (unclip.shapes.judge), and report, per attribute the prompt names, how often the image has it.
+
+Also reports diversity (attributes a caption leaves free should vary across seeds) and, when the pipeline
+has them, variations (colour and shape kept) and a red→blue text diff.
+
+    python benchmarks/caption_match.py                       # toy preset, 240 prompts, default steps
+    python benchmarks/caption_match.py --n 48 --backend fast --device cuda --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+import unclip
+from unclip import shapes
+
+
+def diversity(pipe, call, prompt: str = "a red circle", n: int = 16, seed: int = 1234) -> dict:
+    """Judge `n` images of one caption (one generator): distinct values of each attribute it leaves free."""
+    out = pipe(prompt, num_images_per_prompt=n, generator=torch.Generator().manual_seed(seed), output_type="np",
+               progress=False, **call)
+    judged = shapes.judge_batch(np.round(out.images * 255).astype(np.uint8))
+    named = shapes.parse_caption(prompt)
+    result = {"prompt": prompt, "images": n}
+    for attr in shapes.ATTRIBUTES:
+        values = [getattr(j, attr) for j in judged]
+        if attr in named:
+            result[f"{attr}_match"] = sum(v == named[attr] for v in values) / n
+        else:
+            result[f"{attr}_distinct"] = sorted({str(v) for v in values})
+    return result
+
+
+def variations_check(pipe, decoder_steps: int, sr_steps: int, n: int = 48, seed: int = 99) -> dict | None:
+    if not hasattr(pipe, "variations") or pipe.components.image_encoder is None:
+        return None
+    scenes = shapes.sample_scenes(n, seed)
+    images = [shapes.render(s) for s in scenes]
+    out = pipe.variations(images, generator=torch.Generator().manual_seed(seed), output_type="np", progress=False,
+                          decoder_num_inference_steps=decoder_steps, super_res_num_inference_steps=sr_steps)
+    judged = shapes.judge_batch(np.round(out.images * 255).astype(np.uint8))
+    return {a: float(np.mean([getattr(j, a) == getattr(s, a) for s, j in zip(scenes, judged)]))
+            for a in shapes.ATTRIBUTES}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a diffusers-layout folder (default: the toy preset)")
+    src.add_argument("--preset", default="toy")
+    p.add_argument("--n", type=int, default=240, help="number of prompts (shapes.benchmark_prompts)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=40)
+    p.add_argument("--steps", type=int, nargs=3, default=(25, 25, 7), metavar=("PRIOR", "DECODER", "SUPER_RES"))
+    p.add_argument("--guidance", type=float, nargs=2, default=(4.0, 8.0), metavar=("PRIOR", "DECODER"))
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--no-extras", action="store_true", help="skip the diversity and variations checks")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--grid", help="save the first 64 images as one PNG here")
+    a = p.parse_args(argv)
+
+    if a.model:
+        pipe = unclip.Pipeline.from_pretrained(a.model, device=a.device, dtype=a.dtype, backend=a.backend)
+    else:
+        pipe = unclip.Pipeline.from_preset(a.preset, device=a.device, dtype=a.dtype, backend=a.backend)
+    call = dict(prior_num_inference_steps=a.steps[0], decoder_num_inference_steps=a.steps[1],
+                super_res_num_inference_steps=a.steps[2], prior_guidance_scale=a.guidance[0],
+                decoder_guidance_scale=a.guidance[1])
+    prompts = shapes.benchmark_prompts(a.n, a.seed)
+    start = time.perf_counter()
+    result = shapes.caption_match(pipe, prompts, seed=a.seed, batch_size=a.batch, **call)
+    seconds = time.perf_counter() - start
+    report = {"model": a.model or f"preset:{a.preset}", "backend": a.backend, "device": a.device, "dtype": a.dtype,
+              "prompts": a.n, "seed": a.seed, "steps": list(a.steps), "guidance": list(a.guidance),
+              "accuracy": result["accuracy"], "counts": result["counts"], "seconds": round(seconds, 1),
+              "found": float(np.mean([j.found for j in result["judgements"]]))}
+    print(f"caption match over {a.n} prompts ({report['model']}, {a.backend}, {a.device}, {a.dtype}, "
+          f"steps {tuple(a.steps)}, guidance {tuple(a.guidance)}): {seconds:.0f}s")
+    for attr, acc in result["accuracy"].items():
+        print(f"  {attr:<10} {100 * acc:5.1f} %  ({result['counts'][attr]} prompts)")
+    if not a.no_extras:
+        report["diversity"] = diversity(pipe, call)
+        print(f"diversity: {report['diversity']}")
+        report["variations"] = variations_check(pipe, a.steps[1], a.steps[2])
+        if report["variations"] is not None:
+            print(f"variations keep: {report['variations']}")
+    if a.grid:
+        from PIL import Image
+        ims = result["images"][:64]
+        rows = [np.concatenate(list(ims[r:r + 8]), 1) for r in range(0, len(ims) - len(ims) % 8, 8)]
+        Image.fromarray(np.concatenate(rows, 0)).save(a.grid)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
