@@ -96,7 +96,10 @@ def _info() -> int:
             lines[mod] = __import__(mod).__version__
         except Exception:
             lines[mod] = "not installed"
-    lines["backends"] = ["torch"]
+    usable = {"torch": True, "fast": torch.cuda.is_available() and lines["triton"] != "not installed",
+              "onnxruntime": lines["onnxruntime"] != "not installed",
+              "tensorrt": torch.cuda.is_available() and lines["tensorrt"] != "not installed"}
+    lines["backends"] = [name for name, ok in usable.items() if ok]
     for k, v in lines.items():
         print(f"{k}: {v}")
     return 0

@@ -397,7 +397,10 @@ def _export_graph(spec: GraphSpec, folder: str, opset: int) -> dict:
     finally:
         registration.setLevel(level)
 
-    onnx.checker.check_model(path, full_check=True)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{spec.name}: the exported graph fails onnx.checker: {e}") from e
     model = onnx.load(path, load_external_data=False)
     inputs, outputs = _io_description(model.graph.input), _io_description(model.graph.output)
     for io in inputs + outputs:
@@ -420,10 +423,15 @@ def _save_clip_stats(prior, folder: str) -> None:
 
 
 def _check_dtype(c: Components, dtype: torch.dtype) -> None:
-    for name in ("text_encoder", "image_encoder", "prior", "text_proj", "decoder"):
-        m = getattr(c, name)
+    nets = {name: getattr(c, name) for name in ("text_encoder", "image_encoder", "prior", "text_proj", "decoder")}
+    nets.update({f"upsamplers[{i}].{w}": getattr(up, w) for i, up in enumerate(c.upsamplers) for w in ("first", "last")})
+    for name, m in nets.items():
         if m is not None:
-            got = next(m.parameters()).dtype
+            first = next(iter(m.parameters()), None)
+            if not isinstance(m, nn.Module) or first is None:
+                raise TypeError(f"components.{name} is not a torch module with weights ({type(m).__name__}); "
+                                "export needs the torch components")
+            got = first.dtype
             if got != dtype:
                 raise ValueError(f"components.{name} is {got}, but dtype={dtype} was asked; load or build the "
                                  "components in the export dtype")

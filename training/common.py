@@ -85,7 +85,9 @@ PRIOR_SCHEDULER = {"variance_type": "fixed_small_log", "prediction_type": "sampl
                    "clip_sample_range": 5.0}
 DECODER_SCHEDULER = {"variance_type": "learned_range", "prediction_type": "epsilon", "clip_sample": True,
                      "clip_sample_range": 1.0}
-SUPER_RES_SCHEDULER = {"variance_type": "fixed_small_log", "prediction_type": "epsilon", "clip_sample": True,
+# The upsampler predicts the clean image (Karlo's predicts ε): with 7 steps from pure noise, ε-prediction turns
+# small errors at the first, noisiest steps into global colour shifts; x0-prediction has no such amplification.
+SUPER_RES_SCHEDULER = {"variance_type": "fixed_small_log", "prediction_type": "sample", "clip_sample": True,
                        "clip_sample_range": 1.0}
 
 # What CLIPImageProcessor does before the image tower: resize to 32, scale to [0, 1], normalise to [-1, 1].

@@ -1,4 +1,4 @@
-"""Stage 4: the 32→64 upsampler (ε-prediction on [x_t, bicubic-upsampled low-res image], no text).
+"""Stage 4: the 32→64 upsampler (predicts the clean 64×64 image from [x_t, bicubic-upsampled low-res image]).
 
 The network is fully convolutional, so it trains on random 32×32 windows of the 64×64 images (and the same
 windows of the upsampled low-res input): a quarter of the cost of full images. The low-res input is the
@@ -92,7 +92,8 @@ def train(work: str, steps: int, batch: int, seed: int, lr: float, ema_decay: fl
         t = torch.from_numpy(rng.integers(0, schedule.num_steps, size=batch))
         noise = torch.randn(x0.shape)
         out = sr(torch.cat([schedule.add_noise(x0, noise, t), cond], 1), t)
-        loss = F.mse_loss(out, noise)
+        target = x0 if C.SUPER_RES_SCHEDULER["prediction_type"] == "sample" else noise
+        loss = F.mse_loss(out, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sr.parameters(), 1.0)
