@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", help="a diffusers-layout unCLIP folder (e.g. Karlo v1 alpha)")
     src.add_argument("--preset", default=None,
-                     help="toy (trained on the shapes world, the default) | random weights: tiny | karlo | dalle2")
+                     help="toy (trained on the shapes world; the default once its weights ship, until then tiny) | random weights: tiny | karlo | dalle2")
     g.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, nargs=3, metavar=("PRIOR", "DECODER", "SUPER_RES"), default=(25, 25, 7))
@@ -56,7 +56,9 @@ def _generate(args) -> int:
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
         source = {"model": os.path.abspath(args.model)}
     else:
-        preset = args.preset or "toy"
+        from .presets import TOY_PATH
+        # `toy` (trained weights) once they ship with the package; random-weight `tiny` until then.
+        preset = args.preset or ("toy" if os.path.isfile(os.path.join(TOY_PATH, "model_index.json")) else "tiny")
         pipe = Pipeline.from_preset(preset, seed=0, device=args.device, dtype=args.dtype, backend=args.backend)
         source = {"preset": preset}
     generator = torch.Generator().manual_seed(args.seed)

@@ -158,6 +158,9 @@ def build_preset(name: str, *, seed: int = 0, device="cpu", dtype: torch.dtype =
     "toy" is the exception: the trained shapes-world cascade shipped in engine/assets/toy (`seed` is unused)."""
     if name == "toy":
         from .loading import load_components
+        if not os.path.isfile(os.path.join(TOY_PATH, "model_index.json")):
+            raise ValueError(f"preset 'toy' needs the trained weights in {TOY_PATH}, which this installation "
+                             "does not have (see training/); use a random-weight preset: tiny, karlo, dalle2")
         return load_components(TOY_PATH, device=device, dtype=dtype)
     return build_components(preset_configs(name), seed=seed, device=device, dtype=dtype, label=f"preset '{name}'")
 

@@ -42,8 +42,8 @@ def components(work: str) -> Components:
         prior_scheduler=SchedulerConfig(**C.PRIOR_SCHEDULER),
         text_proj=load("text_proj", C.text_proj_config(), decoder_ck["text_proj"]),
         decoder=load("decoder", C.decoder_config(), decoder_ck["decoder"]),
-        decoder_scheduler=SchedulerConfig(**C.DECODER_SCHEDULER),
-        upsamplers=[Upsampler("super_res", sr, sr, SchedulerConfig(**C.SUPER_RES_SCHEDULER))],
+        decoder_scheduler=SchedulerConfig(**decoder_ck.get("scheduler", C.DECODER_SCHEDULER)),
+        upsamplers=[Upsampler("super_res", sr, sr, SchedulerConfig(**sr_ck.get("scheduler", C.SUPER_RES_SCHEDULER)))],
     )
 
 

@@ -63,12 +63,15 @@ def text_proj_config() -> dict:
 
 
 def decoder_config() -> dict:
-    channels = (16, 32, 64)
+    # Four levels (32, 16, 8, 4): a U-Net has no position embeddings and learns where "left" is from its
+    # zero padding, which the 4×4 level makes obvious.
+    channels = (16, 32, 64, 64)
+    n = len(channels)
     return {"_class_name": "UNet2DConditionModel", "sample_size": BASE_SIZE, "in_channels": 3, "out_channels": 6,
             "layers_per_block": 1, "block_out_channels": list(channels),
-            "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
+            "down_block_types": ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * (n - 1),
             "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
-            "up_block_types": ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+            "up_block_types": ["SimpleCrossAttnUpBlock2D"] * (n - 1) + ["ResnetUpsampleBlock2D"],
             "cross_attention_dim": 64, "attention_head_dim": 16, "class_embed_type": "identity",
             "resnet_time_scale_shift": "scale_shift", "norm_num_groups": 8}
 
@@ -240,16 +243,23 @@ class Schedule:
         ab = self.at(self.alphas_cumprod, t, x0.dim())
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-    def variance_loss(self, eps_pred, v_pred, x0, x_t, t):
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        ab = self.alphas_cumprod[t].float()
+        return ab / (1 - ab)
+
+    def x0_from_eps(self, x_t, eps, t):
+        ab = self.at(self.alphas_cumprod, t, x_t.dim())
+        return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    def variance_loss(self, x0_pred, v_pred, x0, x_t, t):
         """Improved DDPM's L_vlb term for learned_range variance (KL of the true posterior from the model's
-        step, in bits per dimension), with the mean taken from the detached ε so it only trains the variance.
-        Steps t = 0 are left out (the sampler's last step adds no noise)."""
+        step, in bits per dimension), with the mean taken from the detached x0 prediction so it only trains
+        the variance. Steps t = 0 are left out (the sampler's last step adds no noise)."""
         n = x0.dim()
-        ab = self.at(self.alphas_cumprod, t, n)
         c0, ct = self.at(self.mean_coef_x0, t, n), self.at(self.mean_coef_xt, t, n)
         true_mean = c0 * x0 + ct * x_t
         true_log_var = self.at(self.posterior_log_variance, t, n)
-        x0_pred = (x_t - (1 - ab).sqrt() * eps_pred.detach()) / ab.sqrt()
+        x0_pred = x0_pred.detach()
         model_mean = c0 * x0_pred + ct * x_t
         frac = (v_pred + 1) / 2
         model_log_var = frac * self.at(self.betas.log(), t, n) + (1 - frac) * true_log_var

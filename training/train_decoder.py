@@ -38,7 +38,7 @@ def condition(text_proj, z, captions, features, image_dropped):
 
 @torch.no_grad()
 def evaluate(decoder, text_proj, image, table, features, seed: int, n: int = 32, steps: int = 25,
-             scale: float = 8.0) -> dict:
+             scale: float = 8.0, prediction: str = "epsilon") -> dict:
     """Decode the true images' embeddings with their full captions (engine sampler, CFG), judge the 32×32
     results: per-attribute accuracy of the decoder alone."""
     from unclip import samplers
@@ -52,7 +52,7 @@ def evaluate(decoder, text_proj, image, table, features, seed: int, n: int = 32,
     rows = torch.cat([torch.zeros(n, dtype=torch.long), captions])
     context, time_embed = text_proj(z, t_embeds[rows], t_hidden[rows], True)
     mask = F.pad(t_mask[rows], (context.shape[1] - t_mask.shape[1], 0), value=True)
-    plan = samplers.make_plan(SchedulerConfig(**C.DECODER_SCHEDULER), steps)
+    plan = samplers.make_plan(SchedulerConfig(**{**C.DECODER_SCHEDULER, "prediction_type": prediction}), steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, C.BASE_SIZE, C.BASE_SIZE, generator=g)
     noise = [torch.randn(x.shape, generator=g) if d else None for d in plan.draws_noise]
@@ -64,7 +64,8 @@ def evaluate(decoder, text_proj, image, table, features, seed: int, n: int = 32,
     return {a: round(v, 4) for a, v in acc.items()}, images
 
 
-def train(work: str, steps: int, batch: int, seed: int, lr: float, ema_decay: float) -> dict:
+def train(work: str, steps: int, batch: int, seed: int, lr: float, ema_decay: float, prediction: str = "epsilon",
+          max_weight: float | None = 20.0) -> dict:
     log = C.Log(os.path.join(work, "train.log"), "decoder")
     rng = C.seed_everything(seed)
     tokenizer = C.build_tokenizer()
@@ -95,9 +96,25 @@ def train(work: str, steps: int, batch: int, seed: int, lr: float, ema_decay: fl
         x_t = schedule.add_noise(x0, noise, t)
         context, mask, time_embed = condition(text_proj, z, captions, features, image_dropped)
         out = decoder(x_t, t, context, time_embed, mask)
-        eps, v = out[:, :3], out[:, 3:]
-        mse = F.mse_loss(eps, noise)
-        vb = schedule.variance_loss(eps, v, x0, x_t, t)
+        pred, v = out[:, :3], out[:, 3:]
+        if prediction == "sample":
+            # x0-MSE weighted by clamp(SNR, 1, Γ): plain x0-MSE where the noise is strong (the layout: background,
+            # position, size, which only the conditioning can tell), ε-MSE-like weight (up to Γ) where it is weak
+            # (sharp edges)
+            x0_pred = pred
+            per_sample = ((pred - x0) ** 2).flatten(1).mean(1)
+            if max_weight:
+                per_sample = per_sample * torch.clamp(schedule.snr(t), min=1.0, max=max_weight)
+        else:
+            # ε-MSE weighted by clamp(1/SNR, 1, Γ): at low noise plain ε-MSE (sharp details); at high noise the
+            # x0-MSE (ε-MSE/SNR), capped at Γ. Plain ε-MSE gives the noisiest steps almost no weight, yet those
+            # decide the layout (background, position, size), and only the conditioning can tell it there.
+            x0_pred = schedule.x0_from_eps(x_t, pred, t)
+            per_sample = ((pred - noise) ** 2).flatten(1).mean(1)
+            if max_weight:
+                per_sample = per_sample * torch.clamp(1.0 / schedule.snr(t), min=1.0, max=max_weight)
+        mse = per_sample.mean()
+        vb = schedule.variance_loss(x0_pred, v, x0, x_t, t)
         loss = mse + vb
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,14 +129,15 @@ def train(work: str, steps: int, batch: int, seed: int, lr: float, ema_decay: fl
             C.save_checkpoint(os.path.join(work, "decoder.partial.pt"), ema=ema.shadow, step=step + 1)
     ema.copy_to(modules)
     modules.eval()
-    metrics, images = evaluate(decoder, text_proj, image, table, features, seed + 3000)
+    metrics, images = evaluate(decoder, text_proj, image, table, features, seed + 3000, prediction=prediction)
     log(f"decoder-alone attribute accuracy (32×32, true embeddings) {metrics}")
     from PIL import Image
     import numpy as np
     Image.fromarray(np.concatenate([np.concatenate(list(images[r * 8:(r + 1) * 8]), 1) for r in range(4)], 0)
                     ).resize((512, 256), Image.NEAREST).save(os.path.join(work, "decoder_samples.png"))
     C.save_checkpoint(os.path.join(work, "decoder.pt"), decoder=decoder.state_dict(), text_proj=text_proj.state_dict(),
-                      metrics=metrics, seconds=log.elapsed)
+                      scheduler={**C.DECODER_SCHEDULER, "prediction_type": prediction}, metrics=metrics,
+                      seconds=log.elapsed)
     log(f"done in {log.elapsed:.0f}s")
     return metrics
 
@@ -132,8 +150,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--prediction", choices=("epsilon", "sample"), default="epsilon")
+    p.add_argument("--max-weight", type=float, default=20.0,
+                   help="ε-loss weight clamp(1/SNR, 1, MAX) (0 = plain ε-MSE)")
     a = p.parse_args(argv)
-    train(a.work, a.steps, a.batch, a.seed, a.lr, a.ema)
+    train(a.work, a.steps, a.batch, a.seed, a.lr, a.ema, a.prediction, a.max_weight or None)
 
 
 if __name__ == "__main__":

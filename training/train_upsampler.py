@@ -110,6 +110,7 @@ def train(work: str, steps: int, batch: int, seed: int, lr: float, ema_decay: fl
     Image.fromarray(np.concatenate([np.concatenate(list(images[r * 8:(r + 1) * 8]), 1) for r in range(4)], 0)
                     ).save(os.path.join(work, "upsampler_samples.png"))
     C.save_checkpoint(os.path.join(work, "upsampler.pt"), super_res=sr.state_dict(), metrics=metrics,
+                      scheduler=dict(C.SUPER_RES_SCHEDULER),
                       seconds=log.elapsed)
     log(f"done in {log.elapsed:.0f}s")
     return metrics
