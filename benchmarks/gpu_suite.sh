@@ -12,6 +12,8 @@
 #                (compilation itself can take minutes; the phase records how long the first call took)
 #   4. dalle2    benchmarks/e2e.py, dalle2 (64->256->1024): fast and torch at batch 1
 #   5. kernels   benchmarks/kernels.py (Triton kernels vs SDPA / F.group_norm at the Karlo shapes)
+#   6. toy       benchmarks/caption_match.py: what the trained toy cascade draws, torch vs fast (fp16, CUDA
+#                graphs), 240 prompts; the issue's bar is every backend within 2 points of torch
 # Total: UNCLIP_SUITE_SECONDS (default 540, i.e. 9 minutes, inside the device tool's 10-minute limit).
 #
 # Output: benchmarks/results/<date>-<device>-<commit>.json (+ .md, -stages.png, -speedup.png, -images.png,
@@ -30,7 +32,7 @@
 #   call of its own: copy the returned JSON into benchmarks/results/ first (untracked files travel with the
 #   tree and the results file is extended, not replaced), then
 #          run(command="bash benchmarks/gpu_suite.sh --only compile", carry=[".whl"], timeout_s=600)
-#   Phases: tests, e2e, compile, dalle2, kernels (comma-separated).
+#   Phases: tests, e2e, compile, dalle2, kernels, toy (comma-separated).
 # CPU smoke test of the whole flow (tiny preset, torch + diffusers only, no GPU needed):
 #       bash benchmarks/gpu_suite.sh --smoke
 set -uo pipefail
@@ -113,9 +115,9 @@ LOG="$STEM-suite.log"
 say "results: $RESULT"
 
 # ---- phases: name, nominal seconds (shares of the time left)
-NAMES=(tests e2e compile dalle2 kernels)
-NOMINAL=(120 200 110 60 50)
-if [ "$MODE" = smoke ]; then NOMINAL=(60 200 0 0 0); fi
+NAMES=(tests e2e compile dalle2 kernels toy)
+NOMINAL=(120 200 110 60 50 40)
+if [ "$MODE" = smoke ]; then NOMINAL=(60 200 0 0 0 0); fi
 if [ -n "$ONLY" ]; then  # e.g. --only compile: a second device call for a phase the first one cut short
   for i in "${!NAMES[@]}"; do [[ "$ONLY" == *",${NAMES[$i]},"* ]] || NOMINAL[$i]=0; done
 fi
@@ -172,6 +174,9 @@ phase 3 bash -c "'$PY' benchmarks/e2e.py ${DEVICE_ARGS[*]} --preset dalle2 --sys
                  --runs 5 --out '$RESULT' --workdir '$WORK/e2e' --deadline \$DEADLINE"
 # 5. kernels
 phase 4 "$PY" benchmarks/kernels.py --iters 10 --out "$STEM-kernels.json"
+# 6. the toy cascade's caption match, per backend
+phase 5 "$PY" benchmarks/caption_match.py --device cuda --dtype fp16 --backend torch fast --no-extras \
+        --json "$STEM-toy.json"
 
 # ---- tables and plots from everything measured, then copies for the device tool
 "$PY" benchmarks/e2e.py --render-only "${DEVICE_ARGS[@]}" --out "$RESULT" --workdir "$WORK/e2e" || true
@@ -181,7 +186,8 @@ for s in "${STATUS[@]}"; do echo "  $s"; done
 cp "$PRELOG" "$LOG"
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
-  for f in "$RESULT" "$STEM.md" "$STEM-stages.png" "$STEM-speedup.png" "$STEM-images.png" "$STEM-kernels.json"; do
+  for f in "$RESULT" "$STEM.md" "$STEM-stages.png" "$STEM-speedup.png" "$STEM-images.png" "$STEM-kernels.json" \
+           "$STEM-toy.json"; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
   cp "$PRELOG" "$OUT/$(basename "$LOG")"

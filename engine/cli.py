@@ -16,11 +16,13 @@ def _parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", help="a diffusers-layout unCLIP folder (e.g. Karlo v1 alpha)")
     src.add_argument("--preset", default=None,
-                     help="toy (trained on the shapes world; the default once its weights ship, until then tiny) | random weights: tiny | karlo | dalle2")
+                     help="toy (the default: a small cascade trained on the shapes world) | "
+                          "random weights: tiny | karlo | dalle2")
     g.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, nargs=3, metavar=("PRIOR", "DECODER", "SUPER_RES"), default=(25, 25, 7))
-    g.add_argument("--guidance", type=float, nargs=2, metavar=("PRIOR", "DECODER"), default=(4.0, 8.0))
+    g.add_argument("--guidance", type=float, nargs=2, metavar=("PRIOR", "DECODER"), default=None,
+                   help="guidance scales (default: the model's own; 4 8 for Karlo)")
     g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     g.add_argument("--prior-candidates", type=int, default=1)
@@ -56,19 +58,19 @@ def _generate(args) -> int:
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
         source = {"model": os.path.abspath(args.model)}
     else:
-        from .presets import TOY_PATH
-        # `toy` (trained weights) once they ship with the package; random-weight `tiny` until then.
-        preset = args.preset or ("toy" if os.path.isfile(os.path.join(TOY_PATH, "model_index.json")) else "tiny")
+        from .presets import default_preset
+        preset = args.preset or default_preset()
         pipe = Pipeline.from_preset(preset, seed=0, device=args.device, dtype=args.dtype, backend=args.backend)
         source = {"preset": preset}
+    guidance = args.guidance or [pipe.call_default("prior_guidance_scale"), pipe.call_default("decoder_guidance_scale")]
     generator = torch.Generator().manual_seed(args.seed)
     images = pipe(args.prompt, num_images_per_prompt=args.num_images, generator=generator,
                   prior_num_inference_steps=args.steps[0], decoder_num_inference_steps=args.steps[1],
-                  super_res_num_inference_steps=args.steps[2], prior_guidance_scale=args.guidance[0],
-                  decoder_guidance_scale=args.guidance[1], sampler=args.sampler, eta=args.eta,
+                  super_res_num_inference_steps=args.steps[2], prior_guidance_scale=guidance[0],
+                  decoder_guidance_scale=guidance[1], sampler=args.sampler, eta=args.eta,
                   prior_candidates=args.prior_candidates, progress=not args.quiet).images
     params = {"prompt": args.prompt, **source, "seed": args.seed, "steps": list(args.steps),
-              "guidance": list(args.guidance), "sampler": args.sampler, "eta": args.eta,
+              "guidance": list(guidance), "sampler": args.sampler, "eta": args.eta,
               "prior_candidates": args.prior_candidates, "dtype": args.dtype, "backend": args.backend}
     stem, ext = os.path.splitext(args.out)
     ext = ext or ".png"

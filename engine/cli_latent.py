@@ -16,7 +16,8 @@ def _common(p, *, steps, guidance, out, guidance_help="decoder guidance scale"):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a diffusers-layout unCLIP folder with image_encoder/ (e.g. Karlo's "
                                      "image-variation release)")
-    src.add_argument("--preset", default=None, help="random-weight preset: tiny | karlo | dalle2 (default: tiny)")
+    src.add_argument("--preset", default=None,
+                     help="toy (the default: trained on the shapes world) | random weights: tiny | karlo | dalle2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, nargs=2, metavar=("DECODER", "SUPER_RES"), default=steps)
     p.add_argument("--guidance", type=float, default=guidance, help=guidance_help)
@@ -34,7 +35,8 @@ def add_parser(sub) -> None:
     v.add_argument("-n", "--num-images", type=int, default=4, help="number of variations")
     v.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     v.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    _common(v, steps=(25, 7), guidance=8.0, out="variation.png")
+    _common(v, steps=(25, 7), guidance=None, out="variation.png",
+            guidance_help="decoder guidance scale (default: the model's own, 8 for Karlo)")
 
     i = sub.add_parser("interpolate", help="images along the slerp between two CLIP image embeddings")
     i.add_argument("start", help="an image file, or a prompt (embedded by the prior)")
@@ -43,9 +45,10 @@ def add_parser(sub) -> None:
     i.add_argument("--noise", choices=("fixed", "inverted"), default="fixed",
                    help="fixed: one decoder noise for all; inverted: slerp the images' DDIM-inverted noise too")
     i.add_argument("--prior-steps", type=int, default=25)
-    i.add_argument("--prior-guidance", type=float, default=4.0)
+    i.add_argument("--prior-guidance", type=float, default=None, help="default: the model's own, 4 for Karlo")
     _common(i, steps=(25, 7), guidance=None, out="interpolation.png",
-            guidance_help="decoder guidance scale (default: 8 with --noise fixed, 1 with --noise inverted)")
+            guidance_help="decoder guidance scale (default: the model's own (8 for Karlo) with --noise fixed, "
+                          "1 with --noise inverted)")
 
     e = sub.add_parser("edit", help="edit an image along a caption difference (a CLIP text diff)")
     e.add_argument("image", help="input image file")
@@ -61,7 +64,8 @@ def _pipeline(args):
     if args.model:
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
         return pipe, {"model": os.path.abspath(args.model)}
-    preset = args.preset or "tiny"
+    from .presets import default_preset
+    preset = args.preset or default_preset()
     pipe = Pipeline.from_preset(preset, seed=0, device=args.device, dtype=args.dtype, backend=args.backend)
     return pipe, {"preset": preset}
 
@@ -135,6 +139,7 @@ def run(args) -> int:
     common = {**source, "seed": args.seed, "steps": list(args.steps), "dtype": args.dtype, "backend": args.backend}
 
     if args.command == "vary":
+        args.guidance = pipe.call_default("decoder_guidance_scale", args.guidance)
         image = _open_image(args.image, "image")
         out = pipe.variations(image, num_images_per_prompt=args.num_images, generator=generator,
                               decoder_num_inference_steps=decoder_steps, super_res_num_inference_steps=sr_steps,
@@ -147,7 +152,8 @@ def run(args) -> int:
 
     if args.command == "interpolate":
         if args.guidance is None:  # the library's defaults, recorded as used
-            args.guidance = 8.0 if args.noise == "fixed" else 1.0
+            args.guidance = pipe.call_default("decoder_guidance_scale") if args.noise == "fixed" else 1.0
+        args.prior_guidance = pipe.call_default("prior_guidance_scale", args.prior_guidance)
         start, start_info = _endpoint(args.start, "start")
         end, end_info = _endpoint(args.end, "end")
         out = pipe.interpolate(start, end, args.num, noise=args.noise, generator=generator,

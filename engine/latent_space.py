@@ -245,7 +245,7 @@ def _empty_captions(pipe, batch: int, n: int, cfg: bool):
 def variations(pipe, image=None, num_images_per_prompt: int = 1, decoder_num_inference_steps: int = 25,
                super_res_num_inference_steps: int | list[int] = 7, generator=None,
                decoder_latents: torch.Tensor | None = None, super_res_latents=None,
-               image_embeddings: torch.Tensor | None = None, decoder_guidance_scale: float = 8.0,
+               image_embeddings: torch.Tensor | None = None, decoder_guidance_scale: float | None = None,
                output_type: str = "pil", return_dict: bool = True, *, pixel_values: torch.Tensor | None = None,
                sampler: str | dict = "ddpm", eta: float | dict = 0.0, callback: Callable | None = None,
                progress: bool = True):
@@ -262,7 +262,7 @@ def variations(pipe, image=None, num_images_per_prompt: int = 1, decoder_num_inf
     n = _check_steps("num_images_per_prompt", num_images_per_prompt, 10**6)
     steps = {"decoder": _decoder_steps(pipe, "decoder_num_inference_steps", decoder_num_inference_steps),
              **_super_res_steps(pipe, super_res_num_inference_steps)}
-    scale = _check_scale("decoder_guidance_scale", decoder_guidance_scale)
+    scale = _check_scale("decoder_guidance_scale", pipe.call_default("decoder_guidance_scale", decoder_guidance_scale))
     _check_output_type(output_type)
     stages = ["decoder"] + [up.name for up in c.upsamplers]
     sampler_of = _per_stage("sampler", sampler, stages, "ddpm", pipe._check_sampler)
@@ -315,11 +315,14 @@ def _ddim_invert(plan, denoise, x0: torch.Tensor, channels: int, callback=None) 
 
     Sampling step i maps x_t (timestep t_i) to x_s (the next, smaller timestep; x0 after the last step) with
     ε = ε(x_t, t_i): x_s = √ā_s·(x_t − √(1−ā_t)·ε)/√ā_t + √(1−ā_s)·ε. Its inverse needs ε(x_t), unknown
-    until x_t is; the standard approximation uses ε(x_s, t_i), whose error shrinks with the step size."""
+    until x_t is; the standard approximation uses ε(x_s, t_i), whose error shrinks with the step size. An x0
+    ("sample") model's output m at (x_s, t_i) stands for ε(x_s, t_i) = (x_s − √ā_t·m)/√(1−ā_t)."""
     x = x0.float()
     for i in reversed(range(plan.num_steps)):
         t = plan.timesteps[i]
         eps = denoise(x, t, i)[:, :channels].float()
+        if plan.prediction_type == "sample":
+            eps = (x - plan.sqrt_alpha_bar[i] * eps) / plan.sqrt_one_minus_alpha_bar[i]
         x0_pred = (x - plan.direction_coef[i] * eps) / plan.sqrt_alpha_bar_prev[i]
         x = plan.sqrt_alpha_bar[i] * x0_pred + plan.sqrt_one_minus_alpha_bar[i] * eps
         if callback is not None:
@@ -424,14 +427,14 @@ def _endpoint(pipe, value, name: str):
 def interpolate(pipe, start, end, num: int = 5, *, noise: str = "fixed", generator=None,
                 decoder_num_inference_steps: int = 25, super_res_num_inference_steps: int | list[int] = 7,
                 decoder_guidance_scale: float | None = None, prior_num_inference_steps: int = 25,
-                prior_guidance_scale: float = 4.0, output_type: str = "pil", return_dict: bool = True,
+                prior_guidance_scale: float | None = None, output_type: str = "pil", return_dict: bool = True,
                 callback: Callable | None = None, progress: bool = True):
     """`num` images along the slerp from `start`'s CLIP image embedding to `end`'s (paper §3.2, figure 4).
 
     start, end: an image (PIL/array/tensor), a prompt (embedded by the prior; needs a prior), or a (D,)
         embedding tensor.
     noise: "fixed": every image is decoded from the same x_T (one draw from `generator`; decoder
-        guidance defaults to 8); "inverted": both endpoints must be images, each is DDIM-inverted with its
+        guidance defaults to the model's, 8 for Karlo); "inverted": both endpoints must be images, each is DDIM-inverted with its
         own embedding, and x_T is slerped along with the embedding (guidance defaults to 1, so the end images
         reconstruct the inputs).
     Decoding is DDIM with η = 0 (deterministic), and the upsamplers run DDIM η = 0 from one shared latent
@@ -445,10 +448,10 @@ def interpolate(pipe, start, end, num: int = 5, *, noise: str = "fixed", generat
     steps = _decoder_steps(pipe, "decoder_num_inference_steps", decoder_num_inference_steps)
     sr_steps = _super_res_steps(pipe, super_res_num_inference_steps)
     if decoder_guidance_scale is None:
-        decoder_guidance_scale = 8.0 if noise == "fixed" else 1.0
+        decoder_guidance_scale = pipe.call_default("decoder_guidance_scale") if noise == "fixed" else 1.0
     scale = _check_scale("decoder_guidance_scale", decoder_guidance_scale)
     prior_steps = _check_steps("prior_num_inference_steps", prior_num_inference_steps, 10**6)
-    prior_scale = _check_scale("prior_guidance_scale", prior_guidance_scale)
+    prior_scale = _check_scale("prior_guidance_scale", pipe.call_default("prior_guidance_scale", prior_guidance_scale))
     _check_output_type(output_type)
     _check_generator(generator)
     ends = [_endpoint(pipe, start, "start"), _endpoint(pipe, end, "end")]

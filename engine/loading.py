@@ -89,6 +89,28 @@ class Components:
     prior_scheduler: SchedulerConfig | None = None
     image_encoder: torch.nn.Module | None = None
     image_processor_config: dict | None = None  # feature_extractor/preprocessor_config.json, when present
+    # The model's own recommended call settings (model_index.json "_unclip_call_defaults"), e.g. a guidance
+    # scale tuned for it; a call's keyword overrides them, and Karlo's values apply where none is given.
+    call_defaults: dict = field(default_factory=dict)
+
+
+CALL_DEFAULT_KEYS = {"prior_guidance_scale": 4.0, "decoder_guidance_scale": 8.0}
+CALL_DEFAULTS_ENTRY = "_unclip_call_defaults"  # private ("_") keys are skipped by diffusers' loader
+
+
+def read_call_defaults(index: Config) -> dict:
+    """The validated `_unclip_call_defaults` entry of a model_index.json (or export manifest) config."""
+    value = index.data.get(CALL_DEFAULTS_ENTRY, {})
+    if not isinstance(value, dict):
+        raise index.error(CALL_DEFAULTS_ENTRY, f"= {value!r} must be an object")
+    out = {}
+    for key, v in value.items():
+        if key not in CALL_DEFAULT_KEYS:
+            raise index.error(CALL_DEFAULTS_ENTRY, f"has unknown key {key!r}; known: {', '.join(CALL_DEFAULT_KEYS)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 <= v <= 100.0:
+            raise index.error(CALL_DEFAULTS_ENTRY, f"[{key!r}] = {v!r} must be a number in [1, 100]")
+        out[key] = float(v)
+    return out
 
 
 def _entry(index: Config, key: str) -> tuple | None:
@@ -153,6 +175,7 @@ def load_components(root: str, *, device="cpu", dtype: torch.dtype | None = None
         prior_scheduler=scheduler("prior_scheduler") if has_prior else None,
         image_encoder=model("image_encoder"),
         image_processor_config=read_json(fe_path) if os.path.isfile(fe_path) else None,
+        call_defaults=read_call_defaults(index),
     )
 
 
@@ -201,6 +224,8 @@ def save_components(c: Components, root: str, dtype: torch.dtype | None = None) 
             if up.last is not up.first or i == 0:  # diffusers always expects super_res_last
                 put(f"{name}_last", up.last, "super_res")
             put_scheduler(f"{name}_scheduler", up.scheduler)
+        if c.call_defaults:
+            index[CALL_DEFAULTS_ENTRY] = dict(c.call_defaults)
         write_json(os.path.join(tmp, "model_index.json"), index)
         if os.path.exists(root):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.old-")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import samplers
 from .graphs import GraphStage, StageGraphs
-from .loading import Components, load_components, save_components
+from .loading import CALL_DEFAULT_KEYS, Components, load_components, save_components
 from .samplers import seeded_randn as randn
 from .sampling import guided, run_loop
 
@@ -231,6 +231,12 @@ class Pipeline:
                                  "try float32 or bfloat16")
         return x
 
+    def call_default(self, name: str, value=None):
+        """`value` if given, else the model's recommended setting for keyword `name` (Karlo's if it has none)."""
+        if value is not None:
+            return value
+        return self.components.call_defaults.get(name, CALL_DEFAULT_KEYS[name])
+
     # ------------------------------------------------------------------ call
     @torch.inference_mode()
     def __call__(self, prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
@@ -238,13 +244,15 @@ class Pipeline:
                  super_res_num_inference_steps: int | list[int] = 7, generator=None,
                  prior_latents: torch.Tensor | None = None, decoder_latents: torch.Tensor | None = None,
                  super_res_latents: torch.Tensor | list | None = None, text_model_output=None,
-                 text_attention_mask: torch.Tensor | None = None, prior_guidance_scale: float = 4.0,
-                 decoder_guidance_scale: float = 8.0, output_type: str = "pil", return_dict: bool = True, *,
+                 text_attention_mask: torch.Tensor | None = None, prior_guidance_scale: float | None = None,
+                 decoder_guidance_scale: float | None = None, output_type: str = "pil", return_dict: bool = True, *,
                  sampler: str | dict = "ddpm", eta: float | dict = 0.0, prior_candidates: int = 1,
                  callback: Callable | None = None, progress: bool = True):
         """Generate images. Keywords shared with diffusers' UnCLIPPipeline mean the same, and with the same
         CPU generator the random draws are the same (seed compatibility). Extras:
 
+        Guidance scales left at None take the model's recommended values (`call_default`): 4 and 8 as in
+        Karlo, unless the model folder says otherwise (the toy model does).
         sampler: "ddpm" (Karlo's strided DDPM) or "ddim", for all stages or as {stage: name}.
         eta: DDIM η (0 = deterministic), for all stages or as {stage: value}.
         prior_candidates: draw k prior embeddings per image, keep the one whose direction is closest to the
@@ -284,8 +292,9 @@ class Pipeline:
             raise ValueError(f"super_res_num_inference_steps: give one int or {len(c.upsamplers)} (one per upsampler)")
         for up, s in zip(c.upsamplers, sr_steps):
             steps[up.name] = _check_steps("super_res_num_inference_steps", s, up.scheduler.num_train_timesteps)
-        prior_scale = _check_scale("prior_guidance_scale", prior_guidance_scale)
-        decoder_scale = _check_scale("decoder_guidance_scale", decoder_guidance_scale)
+        prior_scale = _check_scale("prior_guidance_scale", self.call_default("prior_guidance_scale", prior_guidance_scale))
+        decoder_scale = _check_scale("decoder_guidance_scale",
+                                     self.call_default("decoder_guidance_scale", decoder_guidance_scale))
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         sampler_of = _per_stage("sampler", sampler, stages, "ddpm", self._check_sampler)

@@ -153,6 +153,11 @@ def _randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
             p.copy_(value.to(p.dtype))
 
 
+def default_preset() -> str:
+    """The CLI's model when none is named: the trained `toy` cascade if this installation has its weights."""
+    return "toy" if os.path.isfile(os.path.join(TOY_PATH, "model_index.json")) else "tiny"
+
+
 def build_preset(name: str, *, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32) -> Components:
     """A random-weight cascade. `device="meta"` builds the structure only (for sizes of the large presets).
     "toy" is the exception: the trained shapes-world cascade shipped in engine/assets/toy (`seed` is unused)."""

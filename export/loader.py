@@ -13,7 +13,7 @@ import tempfile
 import torch
 
 from ..config import Config, ConfigError
-from ..loading import Components, SchedulerConfig, Upsampler, _model_classes
+from ..loading import CALL_DEFAULTS_ENTRY, Components, SchedulerConfig, Upsampler, _model_classes, read_call_defaults
 from .networks import BACKEND_NAMES, GRAPH_CLASSES, GraphNetwork, networks_of
 from .onnx import CLIP_STATS_FILE, MANIFEST, export_onnx, read_manifest, resolve_dtype, verify_files
 
@@ -96,6 +96,8 @@ def load_exported(root: str, *, backend: str = "onnxruntime", device="cpu", prov
         prior_scheduler=scheduler("schedulers.prior", manifest["schedulers"]["prior"]) if has_prior else None,
         image_encoder=network("image_encoder") if "image_encoder" in nets else None,
         image_processor_config=manifest.get("image_processor_config"),
+        call_defaults=read_call_defaults(Config({CALL_DEFAULTS_ENTRY: manifest.get("call_defaults", {})},
+                                                f"{source}: call_defaults")),
     )
 
 

@@ -537,6 +537,7 @@ def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, o
             "schedulers": schedulers,
             "upsamplers": upsamplers,
             "image_processor_config": components.image_processor_config,
+            "call_defaults": dict(components.call_defaults),
             "tensorrt_op_check": {"reference": "ONNX-TensorRT operator matrix, TensorRT 10.15",
                                   "unsupported": unsupported},
         }

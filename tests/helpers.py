@@ -1,4 +1,4 @@
-"""Small numerical helpers shared by the tests."""
+"""Helpers shared by the tests: a numerical error measure and a diffusers peer."""
 import torch
 
 
@@ -7,3 +7,28 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def diffusers_unclip_pipeline(path: str):
+    """diffusers' UnCLIPPipeline over a saved cascade folder, built from its component folders (diffusers 0.42
+    cannot `from_pretrained` the folder itself: its model_index names `unclip` for text_proj), in fp32."""
+    from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    sub = lambda name: f"{path}/{name}"  # noqa: E731
+    pipe = UnCLIPPipeline(
+        prior=PriorTransformer.from_pretrained(sub("prior")),
+        decoder=UNet2DConditionModel.from_pretrained(sub("decoder")),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(sub("text_encoder")),
+        tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
+        text_proj=UnCLIPTextProjModel.from_pretrained(sub("text_proj")),
+        super_res_first=UNet2DModel.from_pretrained(sub("super_res_first")),
+        super_res_last=UNet2DModel.from_pretrained(sub("super_res_last")),
+        prior_scheduler=UnCLIPScheduler.from_pretrained(sub("prior_scheduler")),
+        decoder_scheduler=UnCLIPScheduler.from_pretrained(sub("decoder_scheduler")),
+        super_res_scheduler=UnCLIPScheduler.from_pretrained(sub("super_res_scheduler")),
+    ).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+

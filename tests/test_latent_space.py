@@ -23,13 +23,7 @@ from unclip.latent_space import Inversion, LatentSeriesOutput, slerp, text_diff_
 STEPS = dict(decoder_num_inference_steps=4, super_res_num_inference_steps=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These networks are tiny: on a shared 2-core machine, intra-op threads cost far more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small networks (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +114,12 @@ class GaussianPosteriorDenoiser(torch.nn.Module):
     """ε of the exact denoiser for x0 ~ N(μ, σ²I), with μ = tanh(random U-Net(x_t, t, conditioning)).
 
     x0_pred = μ + √ā·σ²/(ā·σ² + 1 − ā)·(x_t − √ā·μ) and ε = (x_t − √ā·x0_pred)/√(1 − ā): smooth in x_t like a
-    trained decoder's, while μ carries the U-Net's dependence on the image embedding."""
+    trained decoder's, while μ carries the U-Net's dependence on the image embedding. With
+    `prediction="sample"` it outputs x0_pred instead (an x0 model, like the toy decoder)."""
 
-    def __init__(self, unet, schedule, sigma=0.5):
+    def __init__(self, unet, schedule, sigma=0.5, prediction="epsilon"):
         super().__init__()
-        self.unet, self.config, self.sigma = unet, unet.config, sigma
+        self.unet, self.config, self.sigma, self.prediction = unet, unet.config, sigma, prediction
         self.alpha_bar = samplers.alphas_cumprod_for(samplers.betas_for(schedule.beta_schedule,
                                                                         schedule.num_train_timesteps))
 
@@ -136,13 +131,16 @@ class GaussianPosteriorDenoiser(torch.nn.Module):
         s2 = self.sigma ** 2
         x0 = mu + ab.sqrt() * s2 / (ab * s2 + 1 - ab) * (x - ab.sqrt() * mu)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-        return torch.cat([eps, out[:, channels:]], dim=1)
+        return torch.cat([eps if self.prediction == "epsilon" else x0, out[:, channels:]], dim=1)
 
 
-@pytest.fixture(scope="module")
-def denoiser_pipe(pipe):
+@pytest.fixture(scope="module", params=["epsilon", "sample"])
+def denoiser_pipe(pipe, request):
+    # The same denoiser as an ε model and as an x0 model: inversion must convert an x0 output to its ε.
     c = pipe.components
-    return unclip.Pipeline(dataclasses.replace(c, decoder=GaussianPosteriorDenoiser(c.decoder, c.decoder_scheduler)))
+    schedule = dataclasses.replace(c.decoder_scheduler, prediction_type=request.param)
+    decoder = GaussianPosteriorDenoiser(c.decoder, c.decoder_scheduler, prediction=request.param)
+    return unclip.Pipeline(dataclasses.replace(c, decoder=decoder, decoder_scheduler=schedule))
 
 
 def test_inversion_reconstructs_and_error_falls_with_steps(denoiser_pipe):

@@ -53,6 +53,24 @@ def test_save_load_roundtrip_is_exact(saved):
     torch.testing.assert_close(_images(built), _images(loaded), rtol=0, atol=2e-3)
 
 
+def test_model_call_defaults_are_saved_loaded_and_used(copy_of, tmp_path):
+    # A model folder may recommend its own guidance scales (the toy model does); a call's keyword still wins.
+    _edit_json(os.path.join(copy_of, "model_index.json"), _unclip_call_defaults={"decoder_guidance_scale": 3})
+    pipe = unclip.Pipeline.from_pretrained(copy_of)
+    assert pipe.call_default("decoder_guidance_scale") == 3.0 and pipe.call_default("prior_guidance_scale") == 4.0
+    assert pipe.call_default("decoder_guidance_scale", 5.0) == 5.0
+    torch.testing.assert_close(_images(pipe), pipe("a red square", generator=torch.Generator().manual_seed(0),
+                                                   output_type="pt", progress=False, decoder_guidance_scale=3.0,
+                                                   **STEPS).images, rtol=0, atol=0)
+    assert not torch.equal(_images(pipe), pipe("a red square", generator=torch.Generator().manual_seed(0),
+                                               output_type="pt", progress=False, decoder_guidance_scale=8.0,
+                                               **STEPS).images)
+    pipe.save_pretrained(str(tmp_path / "again"))
+    assert json.load(open(tmp_path / "again" / "model_index.json"))["_unclip_call_defaults"] == {
+        "decoder_guidance_scale": 3.0}
+    assert unclip.Pipeline.from_pretrained(str(tmp_path / "again")).call_default("decoder_guidance_scale") == 3.0
+
+
 def test_preset_seed_changes_weights():
     a = build_preset("tiny", seed=0).decoder.state_dict()
     b = build_preset("tiny", seed=1).decoder.state_dict()
@@ -139,8 +157,12 @@ def _edit_json(path, **changes):
      WeightsError, r"prior: no weights found"),
     (lambda d: open(os.path.join(d, "prior", "diffusion_pytorch_model.safetensors"), "wb").write(b"\0" * 64),
      WeightsError, "cannot read weights"),
+    (lambda d: _edit_json(os.path.join(d, "model_index.json"), _unclip_call_defaults={"guidance": 3}),
+     ConfigError, r"_unclip_call_defaults' has unknown key 'guidance'"),
+    (lambda d: _edit_json(os.path.join(d, "model_index.json"), _unclip_call_defaults={"decoder_guidance_scale": 0.5}),
+     ConfigError, r"decoder_guidance_scale'\] = 0.5 must be a number in \[1, 100\]"),
 ], ids=["no-dir", "no-index", "bad-json", "wrong-class", "missing-component", "bad-config-value",
-        "bad-scheduler", "mis-shaped", "no-weights", "corrupt-weights"])
+        "bad-scheduler", "mis-shaped", "no-weights", "corrupt-weights", "call-default-key", "call-default-value"])
 def test_bad_folders_give_clear_errors(copy_of, breakage, error, pattern):
     breakage(copy_of)
     before = _snapshot(copy_of) if os.path.isdir(copy_of) else None

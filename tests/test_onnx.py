@@ -64,7 +64,10 @@ def exported(request, tmp_path_factory):
     """(config name, torch Components loaded from the saved folder, export folder, saved model folder)."""
     root = tmp_path_factory.mktemp(f"onnx-{request.param}")
     model, out = str(root / "model"), str(root / "onnx")
-    unclip.Pipeline(build_components(CONFIGS[request.param](), seed=1)).save_pretrained(model)
+    components = build_components(CONFIGS[request.param](), seed=1)
+    if request.param == "second":  # a model's recommended guidance travels into the export
+        components.call_defaults = {"decoder_guidance_scale": 5.0}
+    unclip.Pipeline(components).save_pretrained(model)
     if request.param == "second":
         assert main(["export", "--model", model, "--format", "onnx", "--out", out, "--quiet"]) == 0
     else:
@@ -96,6 +99,8 @@ def test_manifest_and_graphs(exported):
     assert os.path.isfile(os.path.join(out, "tokenizer", "vocab.json"))
     assert manifest["schedulers"]["decoder"] == c.decoder_scheduler.to_dict()
     assert [u["scheduler"] for u in manifest["upsamplers"]] == [u.scheduler.to_dict() for u in c.upsamplers]
+    assert manifest["call_defaults"] == c.call_defaults == ({"decoder_guidance_scale": 5.0} if name == "second" else {})
+    assert load_exported(out).call_defaults == c.call_defaults
     if name == "second":  # the second upsampler reuses its first network for the last step
         assert manifest["upsamplers"][1]["first"] == manifest["upsamplers"][1]["last"] == "super_res_2_first"
     classes = {"decoder": c.decoder, "prior": c.prior, "text_encoder": c.text_encoder, "text_proj": c.text_proj}

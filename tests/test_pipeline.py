@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import unclip
+from helpers import diffusers_unclip_pipeline
 from unclip.presets import build_components, preset_configs
 
 TOL = 1e-4
@@ -37,33 +38,12 @@ def _second_config():
 CONFIGS = {"tiny": lambda: preset_configs("tiny"), "second": _second_config}
 
 
-def _diffusers_pipeline(path):
-    from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    sub = lambda name: f"{path}/{name}"  # noqa: E731
-    return UnCLIPPipeline(
-        prior=PriorTransformer.from_pretrained(sub("prior")),
-        decoder=UNet2DConditionModel.from_pretrained(sub("decoder")),
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(sub("text_encoder")),
-        tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
-        text_proj=UnCLIPTextProjModel.from_pretrained(sub("text_proj")),
-        super_res_first=UNet2DModel.from_pretrained(sub("super_res_first")),
-        super_res_last=UNet2DModel.from_pretrained(sub("super_res_last")),
-        prior_scheduler=UnCLIPScheduler.from_pretrained(sub("prior_scheduler")),
-        decoder_scheduler=UnCLIPScheduler.from_pretrained(sub("decoder_scheduler")),
-        super_res_scheduler=UnCLIPScheduler.from_pretrained(sub("super_res_scheduler")),
-    ).to(torch.float32)
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     ours = unclip.Pipeline(build_components(CONFIGS[request.param](), seed=1))
     ours.save_pretrained(str(path))
-    theirs = _diffusers_pipeline(str(path))
-    theirs.set_progress_bar_config(disable=True)
+    theirs = diffusers_unclip_pipeline(str(path))
     # Load ours back from disk too: the comparison then also covers the loader.
     return unclip.Pipeline.from_pretrained(str(path)), theirs
 

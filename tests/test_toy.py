@@ -2,9 +2,10 @@
 
 What it must do (issue 8): load as a preset in the engine's diffusers layout (fp16, <= 30 MB); draw what the
 caption says at the default steps (judged by pixel analysis: colour >= 90 %, shape >= 80 %, position >= 80 %
-on a fixed subset of the benchmark prompts; benchmarks/caption_match.py runs the full >= 200); vary what the
-caption leaves free; and, with the image-features API, keep colour and shape in variations and move along
-text directions. Also checks that the short-sequence forwards used in training equal the engine's forwards.
+on a fixed subset of the benchmark prompts; benchmarks/caption_match.py runs the full >= 200), and every
+other backend within 2 points of torch; vary what the caption leaves free; keep colour and shape in
+variations, move along text directions, and invert. Also checks that the short-sequence forwards used in
+training equal the engine's forwards.
 """
 import importlib.util
 import json
@@ -16,26 +17,19 @@ import torch
 from safetensors import safe_open
 
 import unclip
-from helpers import max_rel_err
+from helpers import diffusers_unclip_pipeline, max_rel_err
 from unclip import shapes
 from unclip.presets import TOY_PATH, build_preset, preset_configs
 
 # The module tests the shipped weights; until training (issue 8) lands them, it says so instead of failing.
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_PATH, "model_index.json")),
-                                reason="toy weights (engine/assets/toy) not trained and committed yet: issue 8")
+pytestmark = [pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_PATH, "model_index.json")),
+                                 reason="this checkout has no toy weights (engine/assets/toy)"),
+              pytest.mark.usefixtures("one_thread")]  # small networks (tests/conftest.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSET = 40  # prompts generated in the caption-match test (the benchmark runs 240)
+SUBSET = 80  # prompts generated in the caption-match test (the benchmark runs 240)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These networks are small: one thread is nearly as fast as two on an idle machine and much faster on a
-    # busy one (two threads that wait on each other).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -82,25 +76,11 @@ def test_toy_preset_loads_the_trained_weights():
 def test_diffusers_runs_the_toy_folder_with_the_same_seeds(pipe):
     # The shipped folder is a genuine diffusers unCLIP cascade: diffusers' UnCLIPPipeline, built from its
     # components, draws the same images from the same seed (fp16 weights, computed in fp32 on both sides).
-    from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    sub = lambda name: os.path.join(TOY_PATH, name)  # noqa: E731
-    theirs = UnCLIPPipeline(
-        prior=PriorTransformer.from_pretrained(sub("prior")),
-        decoder=UNet2DConditionModel.from_pretrained(sub("decoder")),
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(sub("text_encoder")),
-        tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
-        text_proj=UnCLIPTextProjModel.from_pretrained(sub("text_proj")),
-        super_res_first=UNet2DModel.from_pretrained(sub("super_res_first")),
-        super_res_last=UNet2DModel.from_pretrained(sub("super_res_last")),
-        prior_scheduler=UnCLIPScheduler.from_pretrained(sub("prior_scheduler")),
-        decoder_scheduler=UnCLIPScheduler.from_pretrained(sub("decoder_scheduler")),
-        super_res_scheduler=UnCLIPScheduler.from_pretrained(sub("super_res_scheduler")),
-    ).to(torch.float32)
-    theirs.set_progress_bar_config(disable=True)
-    steps = dict(prior_num_inference_steps=5, decoder_num_inference_steps=5, super_res_num_inference_steps=3)
+    theirs = diffusers_unclip_pipeline(TOY_PATH)
+    # diffusers knows nothing of the folder's recommended guidance (`_unclip_call_defaults`): pass it.
+    steps = dict(prior_num_inference_steps=5, decoder_num_inference_steps=5, super_res_num_inference_steps=3,
+                 prior_guidance_scale=pipe.call_default("prior_guidance_scale"),
+                 decoder_guidance_scale=pipe.call_default("decoder_guidance_scale"))
     prompt = ["a small green triangle at the top", "a large purple square"]
     a = pipe(prompt, generator=torch.Generator().manual_seed(3), output_type="np", progress=False, **steps).images
     b = theirs(prompt, generator=torch.Generator().manual_seed(3), output_type="np", **steps).images
@@ -147,19 +127,49 @@ def test_short_sequence_training_forwards_equal_the_engine_forwards():
 
 # ------------------------------------------------------------------------------------------- what it draws
 
-def test_caption_match_at_default_steps(pipe):
-    prompts = shapes.benchmark_prompts(SUBSET, 0)
-    result = shapes.caption_match(pipe, prompts, seed=0, batch_size=SUBSET)
-    acc = result["accuracy"]
+@pytest.fixture(scope="module")
+def torch_match(pipe):
+    return shapes.caption_match(pipe, shapes.benchmark_prompts(SUBSET, 0), seed=0, batch_size=SUBSET)
+
+
+def test_caption_match_at_default_steps(torch_match):
+    acc = torch_match["accuracy"]
     assert acc["colour"] >= 0.9 and acc["shape"] >= 0.8 and acc["position"] >= 0.8, acc
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("fast", marks=pytest.mark.gpu),
+                                     pytest.param("tensorrt", marks=pytest.mark.gpu)])
+def test_every_backend_draws_within_two_points_of_torch(backend, torch_match):
+    if backend == "onnxruntime":
+        for module in ("onnx", "onnxruntime", "onnxscript"):
+            pytest.importorskip(module, reason=f"backend onnxruntime needs {module}")
+        device, dtype = "cpu", torch.float32
+    else:
+        # The fast backend's kernels are checked on the CPU by tests/test_kernels.py (Triton's interpreter, and
+        # a whole tiny pipeline); 80 toy prompts through the interpreter would take hours.
+        if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip(f"backend {backend!r} runs on CUDA (with TRITON_INTERPRET unset)")
+        if backend == "tensorrt":
+            pytest.importorskip("tensorrt", reason="backend tensorrt needs the tensorrt package")
+        device, dtype = "cuda", torch.float16
+    other = unclip.Pipeline.from_preset("toy", backend=backend, device=device, dtype=dtype)
+    result = shapes.caption_match(other, shapes.benchmark_prompts(SUBSET, 0), seed=0, batch_size=SUBSET)
+    for attr, acc in torch_match["accuracy"].items():
+        assert abs(result["accuracy"][attr] - acc) <= 0.02, (attr, result["accuracy"], torch_match["accuracy"])
+    if device == "cpu":
+        # The toy stages predict x0, so no step is ill-conditioned (no t = 999 ε division): the images agree.
+        diff = np.abs(result["images"].astype(int) - torch_match["images"].astype(int))
+        assert np.percentile(diff, 99) <= 2, (diff.max(), np.percentile(diff, 99))
+
+
 def test_attributes_left_free_vary_across_seeds(pipe):
-    out = pipe("a red circle", num_images_per_prompt=8, generator=torch.Generator().manual_seed(5),
+    out = pipe("a red circle", num_images_per_prompt=16, generator=torch.Generator().manual_seed(5),
                output_type="np", progress=False)
     judged = shapes.judge_batch(_uint8(out.images))
-    assert sum(j.colour == "red" for j in judged) >= 7
-    assert sum(j.shape == "circle" for j in judged) >= 6
+    assert sum(j.colour == "red" for j in judged) >= 15
+    # Small circles are ~7 px across at the decoder's 32×32; some come out square-ish (measured 14/16 here,
+    # 29/32 over four seeds of 8): the named shape must still dominate.
+    assert sum(j.shape == "circle" for j in judged) >= 12
     for attr in ("size", "position", "background"):
         assert len({getattr(j, attr) for j in judged}) >= 2, (attr, [getattr(j, attr) for j in judged])
 
@@ -178,11 +188,15 @@ def test_cli_generate_defaults_to_toy(tmp_path):
 
 # ------------------------------------------------------------------------------------------- image features
 
-needs_variations = pytest.mark.skipif(not hasattr(unclip.Pipeline, "variations"),
-                                      reason="the image-features API (variations, text diffs) has not landed")
+def test_inversion_reconstructs_images_of_the_trained_decoder(pipe):
+    # DDIM inversion of a real (x0-predicting) decoder: mean |Δ| ≈ 0.009 at 50 steps on images in [-1, 1]
+    # (measured; edges carry the largest errors, ≈ 0.3).
+    scenes = shapes.sample_scenes(4, 11)
+    inv = pipe.invert([shapes.render(s) for s in scenes], 50)
+    error = (pipe.reconstruct(inv) - inv.image).abs()
+    assert error.mean() < 0.03 and error.max() < 0.6, (error.mean(), error.max())
 
 
-@needs_variations
 def test_variations_keep_colour_and_shape(pipe):
     scenes = shapes.sample_scenes(16, 42)
     out = pipe.variations([shapes.render(s) for s in scenes], generator=torch.Generator().manual_seed(0),
@@ -193,7 +207,6 @@ def test_variations_keep_colour_and_shape(pipe):
         assert acc >= 0.8, (attr, acc)
 
 
-@needs_variations
 def test_text_diff_red_to_blue_changes_colour_keeps_shape(pipe):
     scene = shapes.sample_scenes(1, 3, colour="red", shape="square", size="large", position="center",
                                  background="white")[0]
@@ -204,7 +217,6 @@ def test_text_diff_red_to_blue_changes_colour_keeps_shape(pipe):
     assert last.shape == "square", last
 
 
-@needs_variations
 def test_interpolation_passes_through_intermediate_hues(pipe):
     red, blue = (shapes.render(shapes.sample_scenes(1, 8, colour=c, shape="circle", size="large",
                                                     position="center", background="white")[0])

@@ -22,13 +22,7 @@ TOL = 1e-4
 STEPS = dict(decoder_num_inference_steps=4, super_res_num_inference_steps=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These networks are tiny: on a shared 2-core machine, intra-op threads cost far more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small networks (tests/conftest.py)
 
 
 def _variation_configs():

@@ -44,6 +44,7 @@ def components(work: str) -> Components:
         decoder=load("decoder", C.decoder_config(), decoder_ck["decoder"]),
         decoder_scheduler=SchedulerConfig(**decoder_ck.get("scheduler", C.DECODER_SCHEDULER)),
         upsamplers=[Upsampler("super_res", sr, sr, SchedulerConfig(**sr_ck.get("scheduler", C.SUPER_RES_SCHEDULER)))],
+        call_defaults=dict(C.CALL_DEFAULTS),
     )
 
 

@@ -25,13 +25,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common as C  # noqa: E402
 
-# Steps and batch sizes of the shipped weights (seed 0).
-RECIPE = {
-    "clip": {"steps": 500, "batch": 128, "lr": 3e-3},
-    "prior": {"steps": 2500, "batch": 64, "lr": 1e-3},
-    "decoder": {"steps": 1800, "batch": 16, "lr": 1e-3},
-    "upsampler": {"steps": 1500, "batch": 32, "lr": 1e-3},
-}
 SEED_OFFSETS = {"clip": 0, "prior": 100, "decoder": 200, "upsampler": 300}
 
 
@@ -60,7 +53,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few steps per stage (checks the scripts run)")
     a = p.parse_args(argv)
-    recipe = {k: dict(v) for k, v in RECIPE.items()}
+    recipe = {k: dict(v) for k, v in C.RECIPE.items()}
     if a.quick:
         for r in recipe.values():
             r["steps"] = 3

@@ -9,7 +9,6 @@ embeddings the prior and decoder use are (almost) the unit vectors CLIP compares
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
@@ -127,12 +126,7 @@ def train(work: str, steps: int, batch: int, seed: int, lr: float, image_overrid
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", required=True)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p = C.stage_parser(__doc__, "clip")
     p.add_argument("--patch", type=int, default=None, help="image tower patch size (default: common.py's)")
     p.add_argument("--width", type=int, default=None, help="image tower width")
     p.add_argument("--layers", type=int, default=None, help="image tower layers")

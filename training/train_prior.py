@@ -9,7 +9,6 @@ unconditional half of classifier-free guidance.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
@@ -134,12 +133,7 @@ def train(work: str, steps: int, batch: int, seed: int, lr: float, num_images: i
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", required=True)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p = C.stage_parser(__doc__, "prior")
     p.add_argument("--num-images", type=int, default=20000)
     a = p.parse_args(argv)
     train(a.work, a.steps, a.batch, a.seed, a.lr, a.num_images)

@@ -9,7 +9,6 @@ the decoder's imperfect outputs. The same weights serve as Karlo's `super_res_fi
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
@@ -117,12 +116,7 @@ def train(work: str, steps: int, batch: int, seed: int, lr: float, ema_decay: fl
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", required=True)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p = C.stage_parser(__doc__, "upsampler")
     p.add_argument("--ema", type=float, default=0.995)
     a = p.parse_args(argv)
     train(a.work, a.steps, a.batch, a.seed, a.lr, a.ema)

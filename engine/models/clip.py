@@ -58,23 +58,50 @@ def _positive_float(cfg: Config, key: str, default: float) -> float:
     return float(value)
 
 
-def _check_common(cfg: Config, model_type: str, class_name: str) -> None:
-    cfg.expect("model_type", (model_type,))
-    # Another class named here means another set of weights (e.g. "CLIPTextModel" has no projection).
-    architectures = cfg.get("architectures", None, types=(list, type(None)))
-    if architectures is not None and architectures != [class_name]:
-        raise cfg.error("architectures", f"= {architectures!r} is not supported (supported: {[class_name]!r})")
-    # transformers 4.x could prune heads at load time; pruned checkpoints have other shapes.
-    cfg.expect("pruned_heads", ({},))
+class _TowerConfig:
+    """What the two towers' configs share: the checks on the keys that name the model, the fields of the
+    shared encoder, the unknown-key check and `to_dict`. Subclasses are frozen dataclasses that set
+    CLASS_NAME and MODEL_TYPE."""
 
+    @classmethod
+    def _read_encoder_fields(cls, cfg: Config) -> dict:
+        """Check the keys that name the model, then read the encoder fields both towers have (as keyword
+        arguments for the constructor)."""
+        cfg.expect("model_type", (cls.MODEL_TYPE,))
+        # Another class named here means another set of weights (e.g. "CLIPTextModel" has no projection).
+        architectures = cfg.get("architectures", None, types=(list, type(None)))
+        if architectures is not None and architectures != [cls.CLASS_NAME]:
+            raise cfg.error("architectures",
+                            f"= {architectures!r} is not supported (supported: {[cls.CLASS_NAME]!r})")
+        # transformers 4.x could prune heads at load time; pruned checkpoints have other shapes.
+        cfg.expect("pruned_heads", ({},))
+        d = cls()
+        hidden_size = cfg.get_int("hidden_size", d.hidden_size, min_value=1)
+        num_heads = cfg.get_int("num_attention_heads", d.num_attention_heads, min_value=1)
+        if hidden_size % num_heads:
+            raise cfg.error("num_attention_heads", f"= {num_heads} does not divide hidden_size = {hidden_size}")
+        return dict(
+            hidden_size=hidden_size,
+            intermediate_size=cfg.get_int("intermediate_size", d.intermediate_size, min_value=1),
+            projection_dim=cfg.get_int("projection_dim", d.projection_dim, min_value=1),
+            num_hidden_layers=cfg.get_int("num_hidden_layers", d.num_hidden_layers, min_value=0),
+            num_attention_heads=num_heads,
+            hidden_act=cfg.get("hidden_act", d.hidden_act, types=str, choices=ACTIVATIONS),
+            layer_norm_eps=_positive_float(cfg, "layer_norm_eps", d.layer_norm_eps),
+        )
 
-def _check_heads(cfg: Config, hidden_size: int, num_heads: int) -> None:
-    if hidden_size % num_heads:
-        raise cfg.error("num_attention_heads", f"= {num_heads} does not divide hidden_size = {hidden_size}")
+    @classmethod
+    def _reject_unknown(cls, cfg: Config, also_ignored: tuple[str, ...] = ()) -> None:
+        used = [f.name for f in dataclasses.fields(cls)]
+        cfg.reject_unknown(used + ["model_type", "architectures", "pruned_heads"], _IGNORED_CONFIG_KEYS + also_ignored)
+
+    def to_dict(self) -> dict:
+        return {"_class_name": self.CLASS_NAME, "architectures": [self.CLASS_NAME], "model_type": self.MODEL_TYPE,
+                **dataclasses.asdict(self)}
 
 
 @dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(_TowerConfig):
     """transformers' CLIPTextConfig, as far as inference needs it. Defaults are transformers' own."""
 
     vocab_size: int = 49408
@@ -104,37 +131,23 @@ class CLIPTextConfig:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "CLIPTextConfig":
-        _check_common(cfg, cls.MODEL_TYPE, cls.CLASS_NAME)
+        encoder_fields = cls._read_encoder_fields(cfg)
         d = cls()
-        hidden_size = cfg.get_int("hidden_size", d.hidden_size, min_value=1)
-        num_heads = cfg.get_int("num_attention_heads", d.num_attention_heads, min_value=1)
-        _check_heads(cfg, hidden_size, num_heads)
         config = cls(
+            **encoder_fields,
             vocab_size=cfg.get_int("vocab_size", d.vocab_size, min_value=1),
-            hidden_size=hidden_size,
-            intermediate_size=cfg.get_int("intermediate_size", d.intermediate_size, min_value=1),
-            projection_dim=cfg.get_int("projection_dim", d.projection_dim, min_value=1),
-            num_hidden_layers=cfg.get_int("num_hidden_layers", d.num_hidden_layers, min_value=0),
-            num_attention_heads=num_heads,
             max_position_embeddings=cfg.get_int("max_position_embeddings", d.max_position_embeddings, min_value=1),
-            hidden_act=cfg.get("hidden_act", d.hidden_act, types=str, choices=ACTIVATIONS),
-            layer_norm_eps=_positive_float(cfg, "layer_norm_eps", d.layer_norm_eps),
             # transformers' type allows a list, but its pooling compares ids with one integer.
             eos_token_id=cfg.get_int("eos_token_id", d.eos_token_id),
             bos_token_id=cfg.get("bos_token_id", d.bos_token_id, types=(int, type(None))),
             pad_token_id=cfg.get("pad_token_id", d.pad_token_id, types=(int, type(None))),
         )
-        used = [f.name for f in dataclasses.fields(cls)]
-        cfg.reject_unknown(used + ["model_type", "architectures", "pruned_heads"], _IGNORED_CONFIG_KEYS)
+        cls._reject_unknown(cfg)
         return config
-
-    def to_dict(self) -> dict:
-        return {"_class_name": self.CLASS_NAME, "architectures": [self.CLASS_NAME], "model_type": self.MODEL_TYPE,
-                **dataclasses.asdict(self)}
 
 
 @dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(_TowerConfig):
     """transformers' CLIPVisionConfig, as far as inference needs it. Defaults are transformers' own."""
 
     hidden_size: int = 768
@@ -163,37 +176,18 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "CLIPVisionConfig":
-        _check_common(cfg, cls.MODEL_TYPE, cls.CLASS_NAME)
+        encoder_fields = cls._read_encoder_fields(cfg)
         d = cls()
-        hidden_size = cfg.get_int("hidden_size", d.hidden_size, min_value=1)
-        num_heads = cfg.get_int("num_attention_heads", d.num_attention_heads, min_value=1)
-        _check_heads(cfg, hidden_size, num_heads)
         # transformers' type also allows (h, w) pairs, but its embedding code only handles square ints.
         image_size = cfg.get_int("image_size", d.image_size, min_value=1)
         patch_size = cfg.get_int("patch_size", d.patch_size, min_value=1)
         if patch_size > image_size:
             raise cfg.error("patch_size", f"= {patch_size} is larger than image_size = {image_size}")
-        config = cls(
-            hidden_size=hidden_size,
-            intermediate_size=cfg.get_int("intermediate_size", d.intermediate_size, min_value=1),
-            projection_dim=cfg.get_int("projection_dim", d.projection_dim, min_value=1),
-            num_hidden_layers=cfg.get_int("num_hidden_layers", d.num_hidden_layers, min_value=0),
-            num_attention_heads=num_heads,
-            num_channels=cfg.get_int("num_channels", d.num_channels, min_value=1),
-            image_size=image_size,
-            patch_size=patch_size,
-            hidden_act=cfg.get("hidden_act", d.hidden_act, types=str, choices=ACTIVATIONS),
-            layer_norm_eps=_positive_float(cfg, "layer_norm_eps", d.layer_norm_eps),
-        )
-        used = [f.name for f in dataclasses.fields(cls)]
+        config = cls(**encoder_fields, num_channels=cfg.get_int("num_channels", d.num_channels, min_value=1),
+                     image_size=image_size, patch_size=patch_size)
         # Older full dumps give the vision tower null token ids; nothing reads them.
-        token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
-        cfg.reject_unknown(used + ["model_type", "architectures", "pruned_heads"], _IGNORED_CONFIG_KEYS + token_ids)
+        cls._reject_unknown(cfg, also_ignored=("bos_token_id", "eos_token_id", "pad_token_id"))
         return config
-
-    def to_dict(self) -> dict:
-        return {"_class_name": self.CLASS_NAME, "architectures": [self.CLASS_NAME], "model_type": self.MODEL_TYPE,
-                **dataclasses.asdict(self)}
 
 
 # ------------------------------------------------------------------------------------------ shared encoder

@@ -80,6 +80,13 @@ def _block_types(cfg: Config, key: str, default, allowed: tuple[str, ...], n_blo
     return tuple(values)
 
 
+def _positive_int_or_none(cfg: Config, key: str, default: int | None = None) -> int | None:
+    value = cfg.get(key, default, types=(int, type(None)))
+    if value is not None and (isinstance(value, bool) or value < 1):
+        raise cfg.error(key, f"= {value!r} must be a positive integer or null")
+    return value
+
+
 def _sample_size(cfg: Config, default=None):
     value = cfg.get("sample_size", default, types=(int, list, tuple, type(None)))
     if isinstance(value, bool) or (isinstance(value, int) and value < 1):
@@ -118,6 +125,71 @@ def _check_resolution(sample: torch.Tensor, n_blocks: int, in_channels: int) -> 
     if sample.shape[2] % factor or sample.shape[3] % factor:
         raise ValueError(f"sample: height and width must be multiples of {factor} (one halving per block "
                          f"but the last), got {tuple(sample.shape[2:])}")
+
+
+# ----------------------------------------------------------------------------------------- shared skeleton
+
+def _resnet_settings(config, **extra) -> dict:
+    """The ResnetBlock keyword arguments every block of a U-Net shares, plus `extra` ones."""
+    return dict(time_channels=config.time_embed_dim, groups=config.norm_num_groups, eps=config.norm_eps,
+                scale_shift=config.resnet_time_scale_shift == "scale_shift", **extra)
+
+
+def _down_block_channels(channels: tuple[int, ...], i: int) -> tuple[int, int]:
+    """(in, out) channels of down block i."""
+    return channels[max(i - 1, 0)], channels[i]
+
+
+def _up_block_channels(channels: tuple[int, ...], i: int) -> tuple[int, int, int]:
+    """(skip_in, prev, out) channels of up block i, in `UpBlock`'s argument order (diffusers' bookkeeping)."""
+    rev = channels[::-1]
+    return rev[min(i + 1, len(rev) - 1)], rev[max(i - 1, 0)], rev[i]
+
+
+class _UNet(nn.Module):
+    """What both U-Nets share: `conv_in` and the timestep MLP in front, a GroupNorm-SiLU-conv head behind,
+    and the down / mid / up traversal between them. Subclasses build the blocks and check their inputs."""
+
+    weights_name = "diffusion_pytorch_model.safetensors"
+    ignore_unexpected: tuple[str, ...] = ()
+
+    def __init__(self, config, conv_in_kernel: int):
+        """Builds the front (conv_in, the timestep MLP). Subclasses then build their blocks and end with
+        `_build_output`, so modules are created (and randomly initialised) front to back."""
+        super().__init__()
+        self.config = config
+        channels = config.block_out_channels
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
+        self.time_embedding = TimestepMLP(channels[0], config.time_embed_dim)
+
+    def _build_output(self, conv_kernel: int) -> None:
+        config = self.config
+        channels = config.block_out_channels
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, conv_kernel, padding=(conv_kernel - 1) // 2)
+
+    def _embed_timestep(self, timestep, sample: torch.Tensor, python_float_dtype: torch.dtype) -> torch.Tensor:
+        """The timestep MLP's output (B, time_embed_dim); `python_float_dtype` as in `timesteps_for_batch`."""
+        config = self.config
+        dtype = self.time_embedding.linear_1.weight.dtype
+        t = timesteps_for_batch(timestep, sample.shape[0], sample.device, python_float_dtype=python_float_dtype)
+        t_features = sinusoidal_embedding(t, config.block_out_channels[0], flip_sin_to_cos=config.flip_sin_to_cos,
+                                          freq_shift=config.freq_shift).to(dtype)
+        return self.time_embedding(t_features)
+
+    def _run_blocks(self, sample: torch.Tensor, time_features: torch.Tensor, context: torch.Tensor | None = None,
+                    context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """conv_in, the down blocks (collecting skips), the mid block, the up blocks (consuming them), the head."""
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, time_features, context, context_mask)
+            skips.extend(block_skips)
+        if self.mid_block is not None:
+            x = self.mid_block(x, time_features, context, context_mask)
+        for block in self.up_blocks:
+            x = block(x, skips, time_features, context, context_mask)
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 # ------------------------------------------------------------------------------------------ conditional U-Net
@@ -203,9 +275,7 @@ class ConditionalUNetConfig:
             if c % d:
                 raise cfg.error("attention_head_dim", f"= {d} does not divide the channel count {c} of an "
                                                       "attention layer")
-        time_dim = cfg.get("time_embedding_dim", None, types=(int, type(None)))
-        if time_dim is not None and (isinstance(time_dim, bool) or time_dim < 1):
-            raise cfg.error("time_embedding_dim", f"= {time_dim!r} must be a positive integer or null")
+        time_dim = _positive_int_or_none(cfg, "time_embedding_dim")
 
         config = cls(
             in_channels=cfg.get_int("in_channels", 4, min_value=1),
@@ -263,36 +333,26 @@ class ConditionalUNetConfig:
         return out
 
 
-class ConditionalUNet(nn.Module):
+class ConditionalUNet(_UNet):
     """unCLIP's decoder: ε (and variance) prediction on a 64×64 image, attending to the text-proj context."""
 
     config_class = ConditionalUNetConfig
-    weights_name = "diffusion_pytorch_model.safetensors"
-    ignore_unexpected: tuple[str, ...] = ()
 
     def __init__(self, config: ConditionalUNetConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config, conv_in_kernel=config.conv_in_kernel)
         channels = config.block_out_channels
         n = len(channels)
-        time_dim = config.time_embed_dim
-        resnet = dict(time_channels=time_dim, groups=config.norm_num_groups, eps=config.norm_eps,
-                      scale_shift=config.resnet_time_scale_shift == "scale_shift",
-                      output_scale_factor=config.resnet_out_scale_factor)
+        resnet = _resnet_settings(config, output_scale_factor=config.resnet_out_scale_factor)
 
         def attention(i: int) -> dict:
             return dict(head_dim=config.attention_head_dim[i], norm_groups=config.norm_num_groups,
                         norm_eps=ATTENTION_NORM_EPS, context_dim=config.cross_attention_dim,
                         context_norm=config.cross_attention_norm == "group_norm")
 
-        pad_in, pad_out = (config.conv_in_kernel - 1) // 2, (config.conv_out_kernel - 1) // 2
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], config.conv_in_kernel, padding=pad_in)
-        self.time_embedding = TimestepMLP(channels[0], time_dim)
-
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(config.down_block_types):
             self.down_blocks.append(DownBlock(
-                channels[max(i - 1, 0)], channels[i], config.layers_per_block[i], add_downsample=i < n - 1,
+                *_down_block_channels(channels, i), config.layers_per_block[i], add_downsample=i < n - 1,
                 resnet=resnet, attention=attention(i) if kind == CROSS_ATTN_DOWN else None))
 
         self.mid_block = None
@@ -300,16 +360,14 @@ class ConditionalUNet(nn.Module):
             mid_resnet = {**resnet, "output_scale_factor": config.mid_block_scale_factor}
             self.mid_block = MidBlock(channels[-1], resnet=mid_resnet, attention=attention(n - 1))
 
-        rev_channels, rev_layers = channels[::-1], config.layers_per_block[::-1]
+        rev_layers = config.layers_per_block[::-1]
         self.up_blocks = nn.ModuleList()
         for i, kind in enumerate(config.up_block_types):
             self.up_blocks.append(UpBlock(
-                rev_channels[min(i + 1, n - 1)], rev_channels[max(i - 1, 0)], rev_channels[i], rev_layers[i] + 1,
-                add_upsample=i < n - 1, resnet=resnet,
+                *_up_block_channels(channels, i), rev_layers[i] + 1, add_upsample=i < n - 1, resnet=resnet,
                 attention=attention(i) if kind == CROSS_ATTN_UP else None))  # head size not reversed (diffusers)
 
-        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, config.conv_out_kernel, padding=pad_out)
+        self._build_output(config.conv_out_kernel)
 
     @property
     def has_attention(self) -> bool:
@@ -322,30 +380,14 @@ class ConditionalUNet(nn.Module):
         attention_mask bool (B, L), True = attend. Returns (B, out_channels, H, W)."""
         config = self.config
         self._check_inputs(sample, encoder_hidden_states, class_labels, attention_mask)
-        batch = sample.shape[0]
-        dtype = self.time_embedding.linear_1.weight.dtype
         if config.center_input_sample:
             sample = 2 * sample - 1.0
-
-        t = timesteps_for_batch(timestep, batch, sample.device, python_float_dtype=torch.float64)
-        t_features = sinusoidal_embedding(t, config.block_out_channels[0], flip_sin_to_cos=config.flip_sin_to_cos,
-                                          freq_shift=config.freq_shift).to(dtype)
-        emb = self.time_embedding(t_features)
+        emb = self._embed_timestep(timestep, sample, python_float_dtype=torch.float64)
         if config.class_embed_type == "identity":
             emb = emb + class_labels.to(emb.dtype)
         # Every resnet applies SiLU to the embedding before its projection (unless resnet_skip_time_act): once here.
         time_features = emb if config.resnet_skip_time_act else F.silu(emb)
-
-        x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, time_features, encoder_hidden_states, attention_mask)
-            skips.extend(block_skips)
-        if self.mid_block is not None:
-            x = self.mid_block(x, time_features, encoder_hidden_states, attention_mask)
-        for block in self.up_blocks:
-            x = block(x, skips, time_features, encoder_hidden_states, attention_mask)
-        return self.conv_out(self.conv_norm_out(x, silu=True))
+        return self._run_blocks(sample, time_features, encoder_hidden_states, attention_mask)
 
     def _check_inputs(self, sample, encoder_hidden_states, class_labels, attention_mask) -> None:
         config = self.config
@@ -431,12 +473,8 @@ class SuperResUNetConfig:
         groups = cfg.get_int("norm_num_groups", 32, min_value=1)
         _check_groups(cfg, "norm_num_groups", groups, channels)
         add_attention = cfg.get("add_attention", True, types=bool)
-        head_dim = cfg.get("attention_head_dim", 8, types=(int, type(None)))
-        if head_dim is not None and (isinstance(head_dim, bool) or head_dim < 1):
-            raise cfg.error("attention_head_dim", f"= {head_dim!r} must be a positive integer or null")
-        attn_groups = cfg.get("attn_norm_num_groups", None, types=(int, type(None)))
-        if attn_groups is not None and (isinstance(attn_groups, bool) or attn_groups < 1):
-            raise cfg.error("attn_norm_num_groups", f"= {attn_groups!r} must be a positive integer or null")
+        head_dim = _positive_int_or_none(cfg, "attention_head_dim", 8)
+        attn_groups = _positive_int_or_none(cfg, "attn_norm_num_groups")
         if mid is not None and add_attention:
             if head_dim is not None and channels[-1] % head_dim:
                 raise cfg.error("attention_head_dim", f"= {head_dim} does not divide the mid-block channel "
@@ -444,9 +482,7 @@ class SuperResUNetConfig:
             if attn_groups is not None and channels[-1] % attn_groups:
                 raise cfg.error("attn_norm_num_groups", f"= {attn_groups} does not divide the mid-block channel "
                                                         f"count {channels[-1]}")
-        time_dim = cfg.get("time_embedding_dim", None, types=(int, type(None)))
-        if time_dim is not None and (isinstance(time_dim, bool) or time_dim < 1):
-            raise cfg.error("time_embedding_dim", f"= {time_dim!r} must be a positive integer or null")
+        time_dim = _positive_int_or_none(cfg, "time_embedding_dim")
 
         config = cls(
             in_channels=cfg.get_int("in_channels", 3, min_value=1),
@@ -491,26 +527,19 @@ class SuperResUNetConfig:
         }
 
 
-class SuperResUNet(nn.Module):
+class SuperResUNet(_UNet):
     """unCLIP's upsampler: ε prediction on [noisy high-res image, upsampled low-res image] (6 channels)."""
 
     config_class = SuperResUNetConfig
-    weights_name = "diffusion_pytorch_model.safetensors"
-    ignore_unexpected: tuple[str, ...] = ()
 
     def __init__(self, config: SuperResUNetConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config, conv_in_kernel=3)
         channels = config.block_out_channels
         n = len(channels)
-        time_dim = config.time_embed_dim
-        resnet = dict(time_channels=time_dim, groups=config.norm_num_groups, eps=config.norm_eps,
-                      scale_shift=config.resnet_time_scale_shift == "scale_shift")
+        resnet = _resnet_settings(config)
 
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepMLP(channels[0], time_dim)
         self.down_blocks = nn.ModuleList(
-            DownBlock(channels[max(i - 1, 0)], channels[i], config.layers_per_block, add_downsample=i < n - 1,
+            DownBlock(*_down_block_channels(channels, i), config.layers_per_block, add_downsample=i < n - 1,
                       resnet=resnet) for i in range(n))
 
         self.mid_block = None
@@ -523,12 +552,10 @@ class SuperResUNet(nn.Module):
             self.mid_block = MidBlock(channels[-1], attention=attention,
                                       resnet={**resnet, "output_scale_factor": config.mid_block_scale_factor})
 
-        rev = channels[::-1]
         self.up_blocks = nn.ModuleList(
-            UpBlock(rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], config.layers_per_block + 1,
-                    add_upsample=i < n - 1, resnet=resnet) for i in range(n))
-        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+            UpBlock(*_up_block_channels(channels, i), config.layers_per_block + 1, add_upsample=i < n - 1,
+                    resnet=resnet) for i in range(n))
+        self._build_output(3)
 
     def forward(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """sample (B, in_channels, H, W); timestep: number, 0-dim or (B,) tensor. Returns (B, out_channels, H, W).
@@ -537,21 +564,8 @@ class SuperResUNet(nn.Module):
         keep a fractional one."""
         config = self.config
         _check_resolution(sample, len(config.block_out_channels), config.in_channels)
-        dtype = self.time_embedding.linear_1.weight.dtype
         if config.center_input_sample:
             sample = 2 * sample - 1.0
-        t = timesteps_for_batch(timestep, sample.shape[0], sample.device, python_float_dtype=torch.int64)
-        t_features = sinusoidal_embedding(t, config.block_out_channels[0], flip_sin_to_cos=config.flip_sin_to_cos,
-                                          freq_shift=config.freq_shift).to(dtype)
-        time_features = F.silu(self.time_embedding(t_features))  # the resnets' pre-projection SiLU, once
-
-        x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, time_features)
-            skips.extend(block_skips)
-        if self.mid_block is not None:
-            x = self.mid_block(x, time_features)
-        for block in self.up_blocks:
-            x = block(x, skips, time_features)
-        return self.conv_out(self.conv_norm_out(x, silu=True))
+        # The resnets' pre-projection SiLU, once.
+        time_features = F.silu(self._embed_timestep(timestep, sample, python_float_dtype=torch.int64))
+        return self._run_blocks(sample, time_features)
