@@ -9,26 +9,34 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-def diffusers_unclip_pipeline(path: str):
-    """diffusers' UnCLIPPipeline over a saved cascade folder, built from its component folders (diffusers 0.42
-    cannot `from_pretrained` the folder itself: its model_index names `unclip` for text_proj), in fp32."""
-    from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+def diffusers_unclip_pipeline(path: str, variations: bool = False):
+    """diffusers' UnCLIPPipeline (or, with `variations`, UnCLIPImageVariationPipeline) over a saved cascade
+    folder, in fp32. Built from the component folders: diffusers 0.42 cannot `from_pretrained` the folder
+    itself, as its model_index names `unclip` for text_proj."""
+    import transformers
+    from diffusers import (PriorTransformer, UnCLIPImageVariationPipeline, UnCLIPPipeline, UnCLIPScheduler,
+                           UNet2DConditionModel, UNet2DModel)
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    transformers.logging.set_verbosity_error()
 
     sub = lambda name: f"{path}/{name}"  # noqa: E731
-    pipe = UnCLIPPipeline(
-        prior=PriorTransformer.from_pretrained(sub("prior")),
+    parts = dict(
         decoder=UNet2DConditionModel.from_pretrained(sub("decoder")),
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(sub("text_encoder")),
-        tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
+        text_encoder=transformers.CLIPTextModelWithProjection.from_pretrained(sub("text_encoder")),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(sub("tokenizer")),
         text_proj=UnCLIPTextProjModel.from_pretrained(sub("text_proj")),
         super_res_first=UNet2DModel.from_pretrained(sub("super_res_first")),
         super_res_last=UNet2DModel.from_pretrained(sub("super_res_last")),
-        prior_scheduler=UnCLIPScheduler.from_pretrained(sub("prior_scheduler")),
         decoder_scheduler=UnCLIPScheduler.from_pretrained(sub("decoder_scheduler")),
         super_res_scheduler=UnCLIPScheduler.from_pretrained(sub("super_res_scheduler")),
-    ).to(torch.float32)
+    )
+    if variations:
+        pipe = UnCLIPImageVariationPipeline(
+            feature_extractor=transformers.CLIPImageProcessor.from_pretrained(sub("feature_extractor")),
+            image_encoder=transformers.CLIPVisionModelWithProjection.from_pretrained(sub("image_encoder")), **parts)
+    else:
+        pipe = UnCLIPPipeline(prior=PriorTransformer.from_pretrained(sub("prior")),
+                              prior_scheduler=UnCLIPScheduler.from_pretrained(sub("prior_scheduler")), **parts)
+    pipe = pipe.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import unclip
-from helpers import max_rel_err
+from helpers import diffusers_unclip_pipeline, max_rel_err
 from unclip.presets import build_components, build_preset, preset_configs
 
 TOL = 1e-4
@@ -36,29 +36,6 @@ def _variation_configs():
     return c
 
 
-def _diffusers_pipeline(path):
-    import transformers
-    from diffusers import UnCLIPImageVariationPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-    transformers.logging.set_verbosity_error()
-
-    sub = lambda name: os.path.join(path, name)  # noqa: E731
-    pipe = UnCLIPImageVariationPipeline(
-        decoder=UNet2DConditionModel.from_pretrained(sub("decoder")),
-        text_encoder=transformers.CLIPTextModelWithProjection.from_pretrained(sub("text_encoder")),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(sub("tokenizer")),
-        text_proj=UnCLIPTextProjModel.from_pretrained(sub("text_proj")),
-        feature_extractor=transformers.CLIPImageProcessor.from_pretrained(sub("feature_extractor")),
-        image_encoder=transformers.CLIPVisionModelWithProjection.from_pretrained(sub("image_encoder")),
-        super_res_first=UNet2DModel.from_pretrained(sub("super_res_first")),
-        super_res_last=UNet2DModel.from_pretrained(sub("super_res_last")),
-        decoder_scheduler=UnCLIPScheduler.from_pretrained(sub("decoder_scheduler")),
-        super_res_scheduler=UnCLIPScheduler.from_pretrained(sub("super_res_scheduler")),
-    ).to(torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("variations") / "karlo-image-variations")
@@ -68,7 +45,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(folder):
-    return unclip.Pipeline.from_pretrained(folder), _diffusers_pipeline(folder)
+    return unclip.Pipeline.from_pretrained(folder), diffusers_unclip_pipeline(folder, variations=True)
 
 
 def _image(seed, h, w, mode="RGB"):
