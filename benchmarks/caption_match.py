@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         print(f"{backend} vs {first}, points: {delta}  (max |Δ| {max(abs(v) for v in delta.values())})")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(reports[first] if len(reports) == 1 else reports, f, indent=2)
+            json.dump(reports, f, indent=2)  # {backend: report}
             f.write("\n")
     return 0
 
