@@ -153,9 +153,14 @@ def _randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
             p.copy_(value.to(p.dtype))
 
 
+def toy_installed() -> bool:
+    """Whether this installation has the trained `toy` weights (engine/assets/toy)."""
+    return os.path.isfile(os.path.join(TOY_PATH, "model_index.json"))
+
+
 def default_preset() -> str:
     """The CLI's model when none is named: the trained `toy` cascade if this installation has its weights."""
-    return "toy" if os.path.isfile(os.path.join(TOY_PATH, "model_index.json")) else "tiny"
+    return "toy" if toy_installed() else "tiny"
 
 
 def build_preset(name: str, *, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32) -> Components:
@@ -163,7 +168,7 @@ def build_preset(name: str, *, seed: int = 0, device="cpu", dtype: torch.dtype =
     "toy" is the exception: the trained shapes-world cascade shipped in engine/assets/toy (`seed` is unused)."""
     if name == "toy":
         from .loading import load_components
-        if not os.path.isfile(os.path.join(TOY_PATH, "model_index.json")):
+        if not toy_installed():
             raise ValueError(f"preset 'toy' needs the trained weights in {TOY_PATH}, which this installation "
                              "does not have (see training/); use a random-weight preset: tiny, karlo, dalle2")
         return load_components(TOY_PATH, device=device, dtype=dtype)

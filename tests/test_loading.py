@@ -59,12 +59,13 @@ def test_model_call_defaults_are_saved_loaded_and_used(copy_of, tmp_path):
     pipe = unclip.Pipeline.from_pretrained(copy_of)
     assert pipe.call_default("decoder_guidance_scale") == 3.0 and pipe.call_default("prior_guidance_scale") == 4.0
     assert pipe.call_default("decoder_guidance_scale", 5.0) == 5.0
-    torch.testing.assert_close(_images(pipe), pipe("a red square", generator=torch.Generator().manual_seed(0),
-                                                   output_type="pt", progress=False, decoder_guidance_scale=3.0,
-                                                   **STEPS).images, rtol=0, atol=0)
-    assert not torch.equal(_images(pipe), pipe("a red square", generator=torch.Generator().manual_seed(0),
-                                               output_type="pt", progress=False, decoder_guidance_scale=8.0,
-                                               **STEPS).images)
+    default = _images(pipe)
+    torch.testing.assert_close(default, pipe("a red square", generator=torch.Generator().manual_seed(0),
+                                             output_type="pt", progress=False, decoder_guidance_scale=3.0,
+                                             **STEPS).images, rtol=0, atol=0)
+    assert not torch.equal(default, pipe("a red square", generator=torch.Generator().manual_seed(0),
+                                         output_type="pt", progress=False, decoder_guidance_scale=8.0,
+                                         **STEPS).images)
     pipe.save_pretrained(str(tmp_path / "again"))
     assert json.load(open(tmp_path / "again" / "model_index.json"))["_unclip_call_defaults"] == {
         "decoder_guidance_scale": 3.0}

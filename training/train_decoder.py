@@ -117,26 +117,22 @@ def train(work: str, steps: int, batch: int, seed: int, lr: float, ema_decay: fl
             # x0-MSE weighted by clamp(SNR, 1, Γ): plain x0-MSE where the noise is strong (the layout: background,
             # position, size, which only the conditioning can tell), ε-MSE-like weight (up to Γ) where it is weak
             # (sharp edges)
-            x0_pred = pred
             per_sample = ((pred - x0) ** 2).flatten(1).mean(1)
             if max_weight:
                 per_sample = per_sample * torch.clamp(schedule.snr(t), min=1.0, max=max_weight)
-        else:
-            # ε-MSE weighted by clamp(1/SNR, 1, Γ): at low noise plain ε-MSE (sharp details); at high noise the
-            # x0-MSE (ε-MSE/SNR), capped at Γ. Plain ε-MSE gives the noisiest steps almost no weight, yet those
-            # decide the layout (background, position, size), and only the conditioning can tell it there.
-            x0_pred = schedule.x0_from_eps(x_t, pred, t)
-            per_sample = ((pred - noise) ** 2).flatten(1).mean(1)
-            if max_weight:
-                per_sample = per_sample * torch.clamp(1.0 / schedule.snr(t), min=1.0, max=max_weight)
-        mse = per_sample.mean()
-        if prediction == "sample":
             # The variance channels select the posterior variance β̃ (v = -1): the bound-optimal learned variance
             # of an x0 model this briefly trained is far too large for 25-step sampling (it adds noise the model
             # then reads as content).
             vb = ((v + 1) ** 2).mean()
         else:
-            vb = schedule.variance_loss(x0_pred, v, x0, x_t, t)
+            # ε-MSE weighted by clamp(1/SNR, 1, Γ): at low noise plain ε-MSE (sharp details); at high noise the
+            # x0-MSE (ε-MSE/SNR), capped at Γ. Plain ε-MSE gives the noisiest steps almost no weight, yet those
+            # decide the layout (background, position, size), and only the conditioning can tell it there.
+            per_sample = ((pred - noise) ** 2).flatten(1).mean(1)
+            if max_weight:
+                per_sample = per_sample * torch.clamp(1.0 / schedule.snr(t), min=1.0, max=max_weight)
+            vb = schedule.variance_loss(schedule.x0_from_eps(x_t, pred, t), v, x0, x_t, t)
+        mse = per_sample.mean()
         loss = mse + vb
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,10 +163,11 @@ def train(work: str, steps: int, batch: int, seed: int, lr: float, ema_decay: fl
 def main(argv=None):
     p = C.stage_parser(__doc__, "decoder")
     p.add_argument("--ema", type=float, default=0.998)
-    p.add_argument("--prediction", choices=("epsilon", "sample"), default="sample")
-    p.add_argument("--max-weight", type=float, default=20.0,
+    recipe = C.RECIPE["decoder"]
+    p.add_argument("--prediction", choices=("epsilon", "sample"), default=recipe["prediction"])
+    p.add_argument("--max-weight", type=float, default=recipe["max-weight"],
                    help="loss weight: x0-MSE × clamp(SNR, 1, MAX), or ε-MSE × clamp(1/SNR, 1, MAX) (0 = unweighted)")
-    p.add_argument("--high-noise", type=float, default=0.4,
+    p.add_argument("--high-noise", type=float, default=recipe["high-noise"],
                    help="share of samples drawn at t >= 700 instead of uniformly")
     a = p.parse_args(argv)
     train(a.work, a.steps, a.batch, a.seed, a.lr, a.ema, a.prediction, a.max_weight or None, a.high_noise)
