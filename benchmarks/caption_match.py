@@ -7,6 +7,7 @@ has an image tower, variations (colour and shape kept). tests/test_toy.py checks
     python benchmarks/caption_match.py                       # toy preset, 240 prompts, default steps
     python benchmarks/caption_match.py --backend torch onnxruntime          # each later backend vs the first
     python benchmarks/caption_match.py --n 48 --backend torch fast --device cuda --dtype fp16 --json out.json
+    python benchmarks/caption_match.py --rerank 4 --no-extras        # keep the best of 4 by CLIP score
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def measure(a, backend: str):
     call = dict(prior_num_inference_steps=a.steps[0], decoder_num_inference_steps=a.steps[1],
                 super_res_num_inference_steps=a.steps[2], prior_guidance_scale=guidance[0],
                 decoder_guidance_scale=guidance[1])
+    if a.rerank > 1:
+        call["rerank"] = a.rerank
     prompts = shapes.benchmark_prompts(a.n, a.seed)
     start = time.perf_counter()
     result = shapes.caption_match(pipe, prompts, seed=a.seed, batch_size=a.batch, **call)
@@ -67,8 +70,9 @@ def measure(a, backend: str):
               "prompts": a.n, "seed": a.seed, "batch": a.batch, "steps": list(a.steps), "guidance": list(guidance),
               "accuracy": result["accuracy"], "counts": result["counts"], "seconds": round(seconds, 1),
               "found": float(np.mean([j.found for j in result["judgements"]]))}
+    report["rerank"] = a.rerank
     print(f"caption match over {a.n} prompts ({report['model']}, {backend}, {a.device}, {a.dtype}, "
-          f"steps {tuple(a.steps)}, guidance {tuple(guidance)}): {seconds:.0f}s")
+          f"steps {tuple(a.steps)}, guidance {tuple(guidance)}, rerank {a.rerank}): {seconds:.0f}s")
     for attr, acc in result["accuracy"].items():
         print(f"  {attr:<10} {100 * acc:5.1f} %  ({result['counts'][attr]} prompts)")
     report["call"] = call
@@ -90,6 +94,8 @@ def main(argv=None) -> int:
                    help="one or more backends; each later one is compared with the first, in points")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
+    p.add_argument("--rerank", type=int, default=1, metavar="K",
+                   help="draw K images per prompt and keep the best by CLIP image-text score (rerank=K)")
     p.add_argument("--no-extras", action="store_true", help="skip the diversity and variations checks")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--grid", help="save the first 64 images as one PNG here")

@@ -33,7 +33,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     import unclip
-    from test_pipeline import _diffusers_pipeline  # the test's way of building the peer from our saved folder
+    from helpers import diffusers_unclip_pipeline  # the tests' way of building the peer from our saved folder
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.preset == "micro":
@@ -47,7 +47,7 @@ def main() -> int:
         else:
             unclip.Pipeline.from_preset(args.preset, seed=0).save_pretrained(tmp)
         ours = unclip.Pipeline.from_pretrained(tmp)
-        theirs = _diffusers_pipeline(tmp)
+        theirs = diffusers_unclip_pipeline(tmp)
     theirs.set_progress_bar_config(disable=True)
     kw = dict(prompt="a red circle on the left", prior_num_inference_steps=args.steps[0],
               decoder_num_inference_steps=args.steps[1], super_res_num_inference_steps=args.steps[2],

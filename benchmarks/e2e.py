@@ -6,7 +6,7 @@
     python benchmarks/e2e.py --preset tiny --device cpu --dtype fp32 --systems torch diffusers \\
         --batches 1 --steps 2 2 2 --runs 2 --min-runs 1                             # CPU smoke test
 
-Method (DESIGN §5). One set of random weights per preset (drawn once, seed --seed; the karlo preset is
+Method (docs/architecture.md, "Performance method"). One set of random weights per preset (drawn once, seed --seed; the karlo preset is
 saved in the diffusers layout and every system loads that folder), the same prompt, steps, guidance,
 dtype and CPU-generator seed for every call of every system, on one machine in one invocation. Per
 (system, batch): warm-up calls (compilation, CUDA-graph capture; the first call's time is recorded), then
@@ -59,7 +59,7 @@ SYSTEMS = ("fast", "torch", "diffusers", "fast_eager", "diffusers_compile")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
-# DESIGN §5's physical floor for Karlo at batch 1, 25/25/7 steps, CFG on, fp16: the prior streams its ~2 GB
+# The physical floor (docs/architecture.md, "Performance method") for Karlo at batch 1, 25/25/7 steps, CFG on, fp16: the prior streams its ~2 GB
 # of weights 25 times (bandwidth-bound); the decoder (~30 TFLOP) and the upsampler (~59 TFLOP) are
 # arithmetic-bound. Ceilings as measured on this workplace's machines (KINDS.md): H100 ~790 TFLOP/s bf16,
 # ~3.0 TB/s copy; H200 same arithmetic, ~4.3 TB/s.
@@ -142,17 +142,16 @@ def _configs(preset: str) -> dict:
 def build_components(preset: str, device: torch.device, dtype: torch.dtype, seed: int):
     """Random weights. On CUDA they are drawn by a CUDA generator on the device (seconds for billions of
     parameters, instead of minutes on the host) with the presets' own scale rules."""
-    from unclip.pipeline import networks
-    from unclip.presets import _randomize_
+    from unclip.presets import randomize_weights_
     from unclip.presets import build_components as build
     if device.type != "cuda":
         return build(_configs(preset), seed=seed, device=device, dtype=dtype)
     comps = build(_configs(preset), device="meta", dtype=dtype)
     gen = torch.Generator(device).manual_seed(seed)
-    for net in networks(comps):
+    for net in {id(m): m for m in comps.networks().values()}.values():
         net.to_empty(device=device)
-        with torch.device(device):  # _randomize_ draws with torch.randn(..., generator=gen) on the default device
-            _randomize_(net, gen)
+        with torch.device(device):  # randomize_weights_ draws with torch.randn(..., generator=gen) on the default device
+            randomize_weights_(net, gen)
     return comps
 
 
@@ -208,24 +207,25 @@ class Ours(System):
     def __init__(self, name: str, pipe, kwargs: dict, seed: int, prompt: str):
         from unclip.cli_bench import StageTimer
         self.name, self.pipe, self.kwargs, self.seed, self.prompt = name, pipe, kwargs, seed, prompt
-        self.timer = StageTimer(pipe, nvtx=True).__enter__()
-        self.stage_source = "StageTimer (device synchronised at stage boundaries)"
+        self.timer = StageTimer(pipe.device, nvtx=True)  # an Observer passed to every call
+        self.stage_source = "StageTimer observer (device synchronised at stage boundaries)"
 
     def call(self, batch):
         self.timer.reset()
         out = self.pipe(self.prompt, num_images_per_prompt=batch, generator=torch.Generator().manual_seed(self.seed),
-                        output_type="np", progress=False, **self.kwargs)
+                        output_type="np", progress=False, observer=self.timer, **self.kwargs)
         return out.images
 
     def weights_bytes(self):
-        from unclip.cli_bench import weights_bytes
-        return weights_bytes(self.pipe)
+        return self.pipe.cascade.weights_bytes()
 
     def stages_of_last_call(self):
         return dict(self.timer.stages)
 
+    def graph_stats(self):
+        return self.pipe.runner.describe().get("graph_stats")
+
     def close(self):
-        self.timer.__exit__(None, None, None)
         self.pipe = None
 
 
@@ -316,13 +316,13 @@ def our_system(name, source, device, dtype, kwargs, seed, prompt, preset=None, w
     """`torch`, `fast` or `fast_eager` from a saved folder (karlo) or freshly built weights (dalle2)."""
     import unclip
     backend = "torch" if name == "torch" else "fast"
+    options = {"cuda_graphs": False} if name == "fast_eager" else None
     if source is not None:
-        pipe = unclip.Pipeline.from_pretrained(str(source), device=device, dtype=dtype, backend=backend)
+        pipe = unclip.Pipeline.from_pretrained(str(source), device=device, dtype=dtype, backend=backend,
+                                               runner_options=options)
     else:
         pipe = unclip.Pipeline(build_components(preset, device, dtype, weight_seed), device=device, dtype=dtype,
-                               backend=backend)
-    if name == "fast_eager":
-        pipe._graphs = None
+                               backend=backend, runner_options=options)
     return Ours(name, pipe, kwargs, seed, prompt)
 
 
@@ -676,8 +676,8 @@ def main(argv=None) -> int:
                                         compile_mode=args.compile_mode if name == "diffusers_compile" else None)
                 entry.setdefault("diffusers_attention_processors", cache[name].attention_processors)
             elif name == "fast_eager" and "fast" in cache:
-                pipe = unclip.Pipeline(cache["fast"].pipe.components, device=device, dtype=dtype, backend="fast")
-                pipe._graphs = None
+                pipe = unclip.Pipeline(cache["fast"].pipe.components, device=device, dtype=dtype, backend="fast",
+                                       runner_options={"cuda_graphs": False})
                 cache[name] = Ours(name, pipe, kwargs, args.seed, args.prompt)
             else:
                 cache[name] = our_system(name, folder, device, dtype, kwargs, args.seed, args.prompt,
@@ -705,9 +705,9 @@ def main(argv=None) -> int:
             if isinstance(e, torch.cuda.OutOfMemoryError) and name in cache:
                 cache.pop(name).close()
                 free_memory()
-        if name in cache and getattr(cache[name], "pipe", None) is not None and \
-                getattr(cache[name].pipe, "_graphs", None) is not None:
-            rec["graph_stats"] = dict(cache[name].pipe._graphs.stats)
+        stats = cache[name].graph_stats() if name in cache and isinstance(cache[name], Ours) else None
+        if stats is not None:
+            rec["graph_stats"] = stats
         results.put(args.preset, rec)
         analyse(entry, args.workdir, tag, env)
         results.save()

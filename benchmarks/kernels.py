@@ -10,7 +10,7 @@ own call (unclip.models.layers.attention_reference, where PyTorch picks the back
 unfused PyTorch chain (F.group_norm, then ·(1+scale)+shift, then F.silu), and a plain tensor copy of the
 same size as the bandwidth yardstick.
 
-Method (DESIGN.md §5). Each case is timed on the GPU timeline with CUDA events around CUDA-graph replays of
+Method (docs/architecture.md, "Performance method"). Each case is timed on the GPU timeline with CUDA events around CUDA-graph replays of
 `--reps` back-to-back calls (so Python launch overhead, which the `fast` backend's CUDA graphs also remove,
 is not counted), median over `--iters` replays after warm-up. Consecutive calls rotate over enough input
 copies (>= 2x the L2 size) that each call reads its inputs from DRAM, not from a previous call's L2.
@@ -18,7 +18,7 @@ Correctness is checked at every shape before timing (max relative error vs. the 
 Throughput: attention in TFLOP/s counting 4·D FLOPs per visible (query, key) pair; group-norm in GB/s
 counting the minimum traffic, one read and one write of the activation.
 
-Karlo shapes (DESIGN.md §2): decoder self+context attention at 64/32/16/8 resolution (heads 5/10/15/20 of
+Karlo shapes (docs/architecture.md): decoder self+context attention at 64/32/16/8 resolution (heads 5/10/15/20 of
 dim 64, keys = 81 context tokens + the pixels, batch 2 for CFG, with and without the text padding mask);
 prior 81-token causal attention (32 heads, batch 2, causal + padding mask); CLIP text 77-token causal (12
 heads, batch 2). Group-norm (32 groups, SiLU, with and without scale-shift, NCHW and channels-last): the

@@ -4,13 +4,14 @@
     unclip bench --preset tiny --steps 2 2 2 --runs 3               # runs on a CPU too (torch backend)
     unclip bench ... --profile trace.json                           # + one profiled call, Chrome trace format
 
-Method (DESIGN §5): warm-up calls first (compilation, CUDA-graph capture, allocator growth), then `--runs`
+Method (docs/architecture.md, "Performance method"): warm-up calls first (compilation, CUDA-graph capture, allocator growth), then `--runs`
 timed calls per batch size with the same prompt, steps and seed; the median is reported. On CUDA the device
 is synchronised around every timed region, so host wall-clock times are device times. Stages are timed by
-wrapping the pipeline instance's `encode_prompt` ("text") and `_run` (prior / decoder / super_res...); what
-the call spends elsewhere (text_proj, upscaling, output conversion) is "other". NVTX ranges (CUDA only) mark
-each call, each stage and, in eager loops, each step; a captured loop replays as one graph, so its steps
-have no ranges of their own (`--no-graphs` shows them).
+an `unclip.Observer` (`StageTimer`) passed to each call: "text", then each sampling stage; what the call
+spends elsewhere (text_proj, upscaling, output conversion) is "other". NVTX ranges (CUDA only) mark each
+call and each stage; with --profile, eager loops also get a range per step (a captured loop replays as one
+graph, so its steps have none: `--no-graphs` shows them). Torch runs with `--threads` intra-op threads
+(default 1, the setting services pin; printed in the output).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from .observers import Observer
+
 COMMANDS = ("bench",)
 SCHEMA = "unclip-bench/1"
 
@@ -31,25 +34,26 @@ SCHEMA = "unclip-bench/1"
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="time the cascade: per-stage and end-to-end medians, images/s, peak memory",
                        description=__doc__.split("\n\n")[0])
-    src = b.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a diffusers-layout unCLIP folder")
-    src.add_argument("--preset", default=None, help="tiny | karlo | dalle2 (random weights) | toy (default: tiny)")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    b.add_argument("--backend", default="torch")
+    from .cli_common import add_model_args
+    add_model_args(b)
     b.add_argument("--batch", type=int, nargs="+", default=[1], help="images per call, one run series each")
-    b.add_argument("--steps", type=int, nargs=3, metavar=("PRIOR", "DECODER", "SUPER_RES"), default=(25, 25, 7))
-    b.add_argument("--guidance", type=float, nargs=2, metavar=("PRIOR", "DECODER"), default=(4.0, 8.0))
-    b.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    b.add_argument("--steps", type=int, nargs=3, metavar=("PRIOR", "DECODER", "SUPER_RES"), default=(25, 25, 7),
+                   help="sampling steps of the prior, the decoder and the upsampler(s), each >= 1")
+    b.add_argument("--guidance", type=float, nargs=2, metavar=("PRIOR", "DECODER"), default=None,
+                   help="guidance scales, each in [0, 100] (default: the model's own: 4 2 for toy, 4 8 for Karlo)")
+    b.add_argument("--threads", type=int, default=1, help="torch intra-op threads (services pin this)")
+    b.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+                   help="ddpm: Karlo's strided DDPM; ddim: DDIM (eta 0)")
     b.add_argument("--runs", type=int, default=10, help="timed calls per batch size (median reported)")
     b.add_argument("--warmup", type=int, default=1, help="untimed calls per batch size before timing")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
-    b.add_argument("--no-graphs", action="store_true", help="backend fast: keep the Triton kernels, skip CUDA graphs")
+    b.add_argument("--seed", type=int, default=0, help="seed of every timed call")
+    b.add_argument("--prompt", default="a photograph of an astronaut riding a horse", help="the prompt of every call")
+    b.add_argument("--no-graphs", action="store_true",
+                   help="backend fast/tensorrt: keep the kernels/engines, skip CUDA-graph capture")
     b.add_argument("--json", metavar="PATH", help="write the results as JSON ('-' for stdout)")
     b.add_argument("--profile", metavar="TRACE", help="profile one extra call per first batch size into a Chrome "
                    "trace (open in chrome://tracing or ui.perfetto.dev)")
-    b.add_argument("--quiet", action="store_true", help="no table on stdout")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr (the table still prints)")
 
 
 # --------------------------------------------------------------------------------------------- environment
@@ -131,52 +135,38 @@ class _Ranges:
                 torch.cuda.nvtx.range_pop()
 
 
-class StageTimer:
-    """Wraps one pipeline instance's `encode_prompt` and `_run` to time each stage of every call.
+class StageTimer(Observer):
+    """An `unclip.Observer` that times each stage of a call (device synchronised at stage boundaries).
 
-    Use as a context manager; `timer.stages` holds {stage: seconds} of the latest call (reset with `reset()`).
-    The wrapping lives on the instance only and is removed on exit.
-    """
+    `timer.stages` holds {stage: seconds} of the calls since the last `reset()`; with `step_ranges`, every
+    step of an eager loop also gets a profiler/NVTX range ending at that step."""
 
-    def __init__(self, pipe, *, nvtx: bool = True):
-        self.pipe = pipe
-        self.device = pipe.device
+    def __init__(self, device, *, nvtx: bool = True, step_ranges: bool = False):
+        self.device = device
         self.ranges = _Ranges(nvtx)
+        self.step_ranges = step_ranges
         self.stages: dict[str, float] = {}
+        self._open: dict = {}
 
     def reset(self) -> None:
         self.stages = {}
 
-    def _timed(self, name: str, fn, *args, **kwargs):
+    def on_stage_start(self, name, stage):
         synchronize(self.device)
-        start = time.perf_counter()
-        with self.ranges(f"unclip/{name}"):
-            result = fn(*args, **kwargs)
-            synchronize(self.device)
+        ctx = self.ranges(f"unclip/{name}")
+        ctx.__enter__()
+        self._open[name] = (time.perf_counter(), ctx)
+
+    def on_step(self, stage, i, t, latents):
+        if self.step_ranges:  # a zero-length marker named after the step, in the stage's range
+            with self.ranges(f"{stage.name}/step {i}"):
+                pass
+
+    def on_stage_end(self, name, stage, latents):
+        synchronize(self.device)
+        start, ctx = self._open.pop(name)
+        ctx.__exit__(None, None, None)
         self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
-        return result
-
-    def __enter__(self):
-        pipe = self.pipe
-        orig_encode, orig_run = pipe.encode_prompt, pipe._run
-        ranges = self.ranges
-
-        def encode_prompt(*args, **kwargs):
-            return self._timed("text", orig_encode, *args, **kwargs)
-
-        def run_stage(name, plan, x, denoise, *args, **kwargs):
-            def stepped(x_in, t, i):  # eager loops only: a captured loop never calls this
-                with ranges(f"{name}/step {i}"):
-                    return denoise(x_in, t, i)
-            return self._timed(name, orig_run, name, plan, x, stepped, *args, **kwargs)
-
-        pipe.encode_prompt, pipe._run = encode_prompt, run_stage
-        return self
-
-    def __exit__(self, *exc):
-        for attr in ("encode_prompt", "_run"):
-            self.pipe.__dict__.pop(attr, None)
-        return False
 
 
 def call_kwargs(args_or_dict) -> dict:
@@ -187,18 +177,13 @@ def call_kwargs(args_or_dict) -> dict:
                 decoder_guidance_scale=a.guidance[1], sampler=a.sampler)
 
 
-def weights_bytes(pipe) -> int:
-    from .pipeline import networks
-    return sum(p.numel() * p.element_size() for net in networks(pipe.components) for p in net.parameters())
-
-
 def bench_batch(pipe, batch: int, *, runs: int, warmup: int, seed: int, prompt: str, kwargs: dict,
                 nvtx: bool = True, log=None) -> dict:
     """Warm up, then time `runs` calls of `batch` images; medians per stage and end to end."""
     import torch
     device = pipe.device
     cuda = device.type == "cuda"
-    timer = StageTimer(pipe, nvtx=nvtx)
+    timer = StageTimer(device, nvtx=nvtx)
 
     def one_call():
         timer.reset()
@@ -206,22 +191,21 @@ def bench_batch(pipe, batch: int, *, runs: int, warmup: int, seed: int, prompt: 
         start = time.perf_counter()
         with timer.ranges(f"unclip/call batch={batch}"):
             pipe(prompt, num_images_per_prompt=batch, generator=torch.Generator().manual_seed(seed),
-                 output_type="pt", progress=False, **kwargs)
+                 output_type="pt", progress=False, observer=timer, **kwargs)
             synchronize(device)
         return time.perf_counter() - start, dict(timer.stages)
 
-    with timer:
-        for _ in range(warmup):
-            one_call()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        totals, stages = [], []
-        for r in range(runs):
-            total, per_stage = one_call()
-            totals.append(total)
-            stages.append(per_stage)
-            if log is not None:
-                log(f"  batch {batch}: run {r + 1}/{runs} {total:.4f} s")
+    for _ in range(warmup):
+        one_call()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    totals, stages = [], []
+    for r in range(runs):
+        total, per_stage = one_call()
+        totals.append(total)
+        stages.append(per_stage)
+        if log is not None:
+            log(f"  batch {batch}: run {r + 1}/{runs} {total:.4f} s")
     names = list(stages[0])
     med = {n: statistics.median(s.get(n, 0.0) for s in stages) for n in names}
     e2e = statistics.median(totals)
@@ -236,9 +220,10 @@ def profile_call(pipe, batch: int, path: str, *, seed: int, prompt: str, kwargs:
     import torch
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pipe.device.type == "cuda" else [])
-    with StageTimer(pipe, nvtx=True), profile(activities=activities) as prof:
+    timer = StageTimer(pipe.device, nvtx=True, step_ranges=True)
+    with profile(activities=activities) as prof:
         pipe(prompt, num_images_per_prompt=batch, generator=torch.Generator().manual_seed(seed), output_type="pt",
-             progress=False, **kwargs)
+             progress=False, observer=timer, **kwargs)
         synchronize(pipe.device)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     prof.export_chrome_trace(path)
@@ -248,8 +233,8 @@ def profile_call(pipe, batch: int, path: str, *, seed: int, prompt: str, kwargs:
 
 
 def _check(args) -> None:
-    for name in ("runs", "warmup"):
-        low = 1 if name == "runs" else 0
+    for name in ("runs", "warmup", "threads"):
+        low = 0 if name == "warmup" else 1
         if getattr(args, name) < low:
             raise ValueError(f"--{name} must be >= {low}; got {getattr(args, name)}")
     if any(b < 1 for b in args.batch):
@@ -261,7 +246,8 @@ def _check(args) -> None:
 def _table(report: dict) -> str:
     c = report["config"]
     head = (f"unclip bench: {c['source']}, {c['device']}, {c['dtype']}, backend {c['backend']}"
-            f"{' (no graphs)' if c['no_graphs'] else ''}, steps {'/'.join(map(str, c['steps']))}, "
+            f"{' (no graphs)' if c['no_graphs'] else ''}, {c['threads']} thread(s), "
+            f"steps {'/'.join(map(str, c['steps']))}, "
             f"guidance {'/'.join(f'{g:g}' for g in c['guidance'])}, median of {c['runs']} runs")
     stages = []
     for r in report["results"]:
@@ -278,37 +264,44 @@ def _table(report: dict) -> str:
 
 
 def run(args) -> int:
-    from .pipeline import Pipeline
+    import torch
+
+    from .cli_common import check_guidance, check_output_file, open_pipeline
     _check(args)
-    if args.model:
-        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-        source = os.path.abspath(args.model)
-    else:
-        source = f"preset {args.preset or 'tiny'}"
-        pipe = Pipeline.from_preset(args.preset or "tiny", seed=0, device=args.device, dtype=args.dtype,
-                                    backend=args.backend)
-    if args.no_graphs:
-        pipe._graphs = None
+    check_guidance(args.guidance)
+    for flag, path in (("--json", args.json), ("--profile", args.profile)):
+        if path and path != "-":
+            check_output_file(path, flag)
+    torch.set_num_threads(args.threads)
+    options = {"cuda_graphs": False} if args.no_graphs else None
+    if args.no_graphs and args.backend not in ("fast", "tensorrt"):
+        raise ValueError(f"--no-graphs applies to backends fast and tensorrt; got --backend {args.backend}")
+    pipe, where = open_pipeline(args, runner_options=options)
+    source = where["model"] if "model" in where else f"preset {where['preset']}"
+    args.guidance = list(args.guidance or [pipe.call_default("prior_guidance_scale"),
+                                           pipe.call_default("decoder_guidance_scale")])
     kwargs = call_kwargs(args)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     results = [bench_batch(pipe, b, runs=args.runs, warmup=args.warmup, seed=args.seed, prompt=args.prompt,
                            kwargs=kwargs, log=log) for b in args.batch]
+    runner = pipe.runner.describe()
     report = {
         "schema": SCHEMA, "kind": "bench", "environment": environment(pipe.device),
         "config": {"source": source, "device": str(pipe.device), "dtype": args.dtype, "backend": args.backend,
-                   "no_graphs": bool(args.no_graphs), "cuda_graphs": pipe._graphs is not None,
+                   "no_graphs": bool(args.no_graphs), "cuda_graphs": bool(runner.get("cuda_graphs", False)),
+                   "threads": args.threads,
                    "steps": list(args.steps), "guidance": list(args.guidance), "sampler": args.sampler,
                    "runs": args.runs, "warmup": args.warmup, "seed": args.seed, "prompt": args.prompt,
                    "timer": "host perf_counter, device synchronised around each call and stage" +
                             (" (CUDA)" if pipe.device.type == "cuda" else "")},
-        "weights_bytes": weights_bytes(pipe),
+        "weights_bytes": pipe.cascade.weights_bytes(),
         "results": results,
     }
     if args.profile:
         profile_call(pipe, args.batch[0], args.profile, seed=args.seed, prompt=args.prompt, kwargs=kwargs)
         report["profile_trace"] = os.path.abspath(args.profile)
-    if pipe._graphs is not None:
-        report["graph_stats"] = dict(pipe._graphs.stats)
+    if "graph_stats" in pipe.runner.describe():
+        report["graph_stats"] = pipe.runner.describe()["graph_stats"]
     text = json.dumps(report, indent=2)
     if args.json == "-":
         print(text)
@@ -316,7 +309,7 @@ def run(args) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             f.write(text + "\n")
-    if not args.quiet and args.json != "-":
+    if args.json != "-":
         print(_table(report))
         if args.profile:
             print(f"profile trace: {args.profile}")

@@ -12,23 +12,79 @@ from typing import Any, Iterable
 
 _MISSING = object()
 
+# Upper bounds on config sizes, checked before anything is allocated: each far above any published unCLIP
+# model (Karlo: widths <= 1536, 24 layers, 256 px; DALL-E 2's paper sizes: widths <= 2560, 1024 px), so that
+# only a corrupt or wrong config hits them, with an error naming the key instead of a memory blow-up.
+LIMITS = {
+    "width": 1 << 14,         # channels, hidden sizes, embedding and attention widths
+    "mlp_width": 1 << 16,     # intermediate (MLP) sizes
+    "layers": 256,            # transformer layers, resnets per block
+    "blocks": 8,              # U-Net resolution levels
+    "sample_size": 4096,      # U-Net / image resolution in pixels
+    "io_channels": 64,        # image-like input and output channels
+    "tokens": 1 << 16,        # sequence lengths and position tables
+    "vocab": 1 << 21,         # token embedding rows
+}
+
 
 class ConfigError(ValueError):
     """A config file is missing, unreadable, or asks for something the engine does not implement."""
 
 
+# The largest JSON file we parse (a CLIP tokenizer.json is ~4 MB; configs are a few kB): a bound before
+# reading, so that a wrong path (a weights file) gives an error rather than a memory spike.
+MAX_JSON_BYTES = 256 * 2**20
+
+
+def parse_json(text: bytes | str, source: str):
+    """Strict JSON: every way a file can be wrong raises ConfigError naming `source` (invalid UTF-8,
+    syntax errors, NaN/Infinity or a number too large for a float, integers of thousands of digits, nesting
+    deeper than the interpreter's recursion limit)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def finite_float(literal):
+        value = float(literal)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"the number {literal[:40]} does not fit in a float")
+        return value
+
+    try:
+        return json.loads(text, parse_constant=no_constant, parse_float=finite_float)
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # json.JSONDecodeError, our hooks, and int() on a number of > 4300 digits
+        raise ConfigError(f"{source}: not valid JSON ({str(e)[:200]})") from None
+
+
 def read_json(path: str | os.PathLike) -> dict:
+    """The JSON object in file `path`; ConfigError naming the file for anything else (see `parse_json`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: file not found")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        size = os.path.getsize(path)
+        if size > MAX_JSON_BYTES:
+            raise ConfigError(f"{path}: {size} bytes is too large for a JSON config (limit {MAX_JSON_BYTES})")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    data = parse_json(raw, path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 class Config:
@@ -68,11 +124,26 @@ class Config:
                 raise self.error(key, f"= {value!r} is not supported (supported: {', '.join(map(repr, choices))})")
         return value
 
-    def get_int(self, key: str, default: Any = _MISSING, *, min_value: int | None = None) -> int:
+    def get_int(self, key: str, default: Any = _MISSING, *, min_value: int | None = None,
+                max_value: int | None = None) -> int:
+        """An integer in [min_value, max_value]: bounds keep a config from asking for absurd allocations."""
         value = self.get(key, default, types=int)
         if min_value is not None and value is not None and value < min_value:
             raise self.error(key, f"= {value!r} must be >= {min_value}")
+        if max_value is not None and value is not None and value > max_value:
+            raise self.error(key, f"= {_short(value)} must be <= {max_value}")
         return value
+
+    def check_limits(self, config, limits: dict[str, str]) -> None:
+        """Each attribute of `config` named in `limits` (an int, a tuple of ints, or None) must be at most
+        `LIMITS[limits[name]]`; ConfigError naming the key otherwise."""
+        for key, kind in limits.items():
+            value = getattr(config, key)
+            values = value if isinstance(value, (list, tuple)) else (value,)
+            for v in values:
+                if isinstance(v, int) and v > LIMITS[kind]:
+                    raise self.error(key, f"= {_short(value)} exceeds {LIMITS[kind]}, this engine's bound for "
+                                          "it (far beyond any real model: a corrupt or wrong config?)")
 
     def get_list(self, key: str, default: Any = _MISSING, *, item_types: type | tuple = (int, str)) -> list:
         value = self.get(key, default, types=(list, tuple))

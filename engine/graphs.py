@@ -4,11 +4,10 @@ A stage's loop (every step: CFG concat, network call(s), guidance combine, sampl
 the super-resolution first/last network switch) is recorded once per configuration and replayed. Launch
 and Python overhead per step disappear; the arithmetic is the same kernels the eager loop runs.
 
-How a stage becomes capturable:
+How a stage becomes capturable: a `Stage` (engine/stages.py) is a value holding its latents, pre-drawn
+noise and conditioning tensors, and `unclip.runner.denoiser(stage, networks, conditioning=..., guidance=...)`
+builds its denoise function around *given* tensors. So:
 
-* The stage builders in `pipeline.py` describe a stage as a `GraphStage`: the conditioning tensors its
-  denoise function reads (text features, decoder context, upscaled image, ...) and a factory
-  `make_denoise(conditioning, scale)` that builds the denoise function around *given* tensors.
 * The first call of a configuration allocates static buffers (initial latents, every step's pre-drawn
   noise, the conditioning, the guidance scale as a device tensor), builds denoise around them, runs the
   loop once eagerly on a side stream (warm-up: Triton compilation, cuBLAS handles; its result is this
@@ -17,11 +16,12 @@ How a stage becomes capturable:
   Noise is drawn by the caller before the loop in the seed-compatible order, so graph and eager runs of
   the same seed give the same images.
 
-Cache key: stage name, the stage's own key parts (CFG on/off, network identities), latent shape/dtype/
-device, model dtype, sampler plan (identity, sampler, steps, eta), which steps draw noise, conditioning
-shapes/dtypes, and the guidance scale only when the model dtype cannot hold it exactly (a scale like 4, 8
-or 7.5 is exact in fp16, so one graph serves every such scale; 3.3 is not and gets its own graph, so a
-replay never differs from the eager loop by even one rounding of the scale). Entries live in a bounded
+Cache key: stage name and kind, the networks it calls (names and identities), guidance on/off, learned
+variance channels, latent shape/dtype/device, model dtype, sampler plan (identity, sampler, steps, eta), which steps
+draw noise, conditioning shapes/dtypes, an inpainting stage's known-region tensors (mask, known images per step,
+jump noise and coefficients: static buffers like the noise), and the guidance scale only when the model dtype
+cannot hold it exactly (a scale like 4, 8 or 7.5 is exact in fp16, so one graph serves every such scale; 3.3 is
+not and gets its own graph, so a replay never differs from the eager loop by even one rounding of the scale). Entries live in a bounded
 LRU cache; each has its own lock, so concurrent calls of one configuration serialise and different
 configurations run independently. Captures are serialised process-wide.
 
@@ -32,46 +32,27 @@ parameter tensor (a new storage rather than an in-place update) is detected and 
 
 `StageGraphs(device, capture=False)` runs the exact same static-buffer loop eagerly: on the CPU it is how
 the tests prove that the capturable formulation equals the plain loop bit for bit.
+
+Any runner on CUDA can use this strategy: `run_captured(graphs, stage, networks, observer)` (the `fast` and
+`tensorrt` runners do).
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from .sampling import run_loop
+from .runner import denoiser, run_loop
 
 DEFAULT_MAX_GRAPHS = 16
 ENV_DISABLE = "UNCLIP_CUDA_GRAPHS"  # "0" turns capture off for the `fast` backend (kernels still swap in)
 
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time per process
-
-
-@dataclass(frozen=True, eq=False)
-class GraphStage:
-    """What a stage builder hands `Pipeline._run` so the stage's loop can be captured.
-
-    make_denoise(conditioning, scale) -> denoise(x, t, i): the stage's denoise built around the given
-        conditioning tensors and guidance scale (a Python float, or in a graph a 0-dim fp32 device tensor
-        when that is exact; see `graph_key`); must read nothing else that changes between calls.
-    conditioning: the tensors denoise reads, by name (copied into static buffers on every replay).
-    scale: the guidance scale, or None when the stage is unguided.
-    key: hashable parts that change the captured work but are not tensors (e.g. CFG on/off).
-    modules: the networks the loop calls; their parameter storages are checked before each replay.
-    """
-
-    make_denoise: Callable
-    conditioning: dict
-    scale: float | None = None
-    key: tuple = ()
-    modules: tuple = ()
 
 
 def _scale_is_exact(scale: float, dtype: torch.dtype) -> bool:
@@ -85,19 +66,23 @@ def _tensor_sig(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.dtype, t.device
 
 
-def graph_key(name: str, plan, x: torch.Tensor, noise: Sequence[torch.Tensor | None], stage: GraphStage,
-              model_dtype: torch.dtype) -> tuple:
+def graph_key(stage, networks) -> tuple:
     """The cache key of one stage configuration (see the module docstring). Pure: testable without CUDA."""
     cond = tuple(sorted((k, _tensor_sig(v)) for k, v in stage.conditioning.items()))
-    if stage.scale is None:
+    if stage.guidance is None:
         scale = None
-    elif _scale_is_exact(stage.scale, model_dtype):
+    elif _scale_is_exact(stage.guidance, stage.model_dtype):
         scale = "device-tensor"
     else:
-        scale = ("baked", float(stage.scale))
-    noise_sig = tuple(None if n is None else _tensor_sig(n) for n in noise)
+        scale = ("baked", float(stage.guidance))
+    noise_sig = tuple(None if n is None else _tensor_sig(n) for n in stage.noise)
+    plan = stage.plan
     plan_sig = (id(plan), plan.sampler, plan.num_steps, tuple(plan.timestep_values), getattr(plan, "eta", 0.0))
-    return (name, tuple(stage.key), _tensor_sig(x), model_dtype, plan_sig, noise_sig, cond, scale)
+    nets = tuple((n, id(networks[n])) for n in stage.networks)
+    known = getattr(stage, "known_region", None)  # inpainting: its tensors are static buffers too
+    known_sig = None if known is None else tuple(sorted((k, _tensor_sig(v)) for k, v in known.tensors().items()))
+    return (stage.name, stage.kind, nets, stage.learned_variance_channels, _tensor_sig(stage.latents),
+            stage.model_dtype, plan_sig, noise_sig, cond, known_sig, scale)
 
 
 def _storage_signature(modules: Sequence[torch.nn.Module]) -> tuple:
@@ -123,18 +108,19 @@ class _Entry:
         self.failed = False         # capture or replay failed: this configuration runs eagerly
         self.graph = None
         self.stream = None
-        self.plan = None
+        self.stage = None
         self.denoise = None
         self.x = None
         self.noise: list = []
         self.cond: dict = {}
+        self.known = None           # a KnownRegion over static buffers (inpainting stages)
         self.scale = None
         self.out = None
         self.signature: tuple = ()
 
     def release(self) -> None:
-        self.graph = self.out = self.x = self.denoise = self.scale = None
-        self.noise, self.cond = [], {}
+        self.graph = self.out = self.x = self.denoise = self.scale = self.stage = None
+        self.noise, self.cond, self.known = [], {}, None
         self.ready = False
 
 
@@ -159,15 +145,6 @@ class StageGraphs:
         self._lock = threading.Lock()
         self._entries: OrderedDict = OrderedDict()
         self.stats = {"captures": 0, "replays": 0, "evictions": 0, "failures": 0, "recaptures": 0}
-
-    @classmethod
-    def for_backend(cls, backend: str, device) -> "StageGraphs | None":
-        """The cache a pipeline of this backend/device uses: CUDA graphs for `fast` on CUDA, else None
-        (the eager loop, unchanged). UNCLIP_CUDA_GRAPHS=0 turns capture off."""
-        device = torch.device(device)
-        if backend != "fast" or device.type != "cuda" or os.environ.get(ENV_DISABLE, "1").strip() == "0":
-            return None
-        return cls(device)
 
     # ------------------------------------------------------------------ cache
     def __len__(self) -> int:
@@ -197,24 +174,25 @@ class StageGraphs:
             return entry
 
     # ------------------------------------------------------------------ run
-    def run(self, name: str, plan, x: torch.Tensor, noise: Sequence[torch.Tensor | None], stage: GraphStage,
-            model_dtype: torch.dtype) -> torch.Tensor | None:
+    def run(self, stage, networks) -> torch.Tensor | None:
+        """The stage's final latents, or None when the caller must run the loop eagerly."""
         if not torch.is_inference_mode_enabled():
             return None  # static buffers are inference tensors; outside inference mode run eagerly
-        key = graph_key(name, plan, x, noise, stage, model_dtype)
+        key = graph_key(stage, networks)
+        modules = [networks[n] for n in stage.networks]
         entry = self._entry(key)
         with entry.lock:
             if entry.failed:
                 return None
-            if entry.ready and entry.signature != _storage_signature(stage.modules):
+            if entry.ready and entry.signature != _storage_signature(modules):
                 entry.release()
                 self._count("recaptures")
             if not entry.ready:
-                return self._first_call(entry, name, plan, x, noise, stage)
+                return self._first_call(entry, stage, networks, modules)
             try:
-                return self._replay(entry, x, noise, stage)
+                return self._replay(entry, stage)
             except Exception as e:  # never a wrong answer: give up on this configuration, run eagerly
-                self._fail(entry, name, "replay", e)
+                self._fail(entry, stage.name, "replay", e)
                 return None
 
     def _count(self, what: str) -> None:
@@ -224,33 +202,37 @@ class StageGraphs:
     def _stream_ctx(self, stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
-    def _first_call(self, entry: _Entry, name, plan, x, noise, stage) -> torch.Tensor:
+    def _first_call(self, entry: _Entry, stage, networks, modules) -> torch.Tensor:
         cuda = self.device.type == "cuda"
         caller = torch.cuda.current_stream(self.device) if cuda else None
         entry.stream = torch.cuda.Stream(self.device) if cuda else None
         if cuda:
             entry.stream.wait_stream(caller)
         with self._stream_ctx(entry.stream):
-            entry.plan = plan
-            entry.x = x.clone(memory_format=torch.preserve_format)
-            entry.noise = [None if n is None else n.clone(memory_format=torch.preserve_format) for n in noise]
+            entry.stage = stage
+            entry.x = stage.latents.clone(memory_format=torch.preserve_format)
+            entry.noise = [None if n is None else n.clone(memory_format=torch.preserve_format) for n in stage.noise]
             entry.cond = {k: v.clone(memory_format=torch.preserve_format) for k, v in stage.conditioning.items()}
+            if getattr(stage, "known_region", None) is not None:
+                region = stage.known_region
+                entry.known = region.replace_tensors({k: v.clone(memory_format=torch.preserve_format)
+                                                      for k, v in region.tensors().items()})
             # The scale as a device tensor (one graph for every scale) when that is exact for the model dtype;
             # otherwise the Python float itself, baked into the graph like in the eager loop (and in the key).
-            if stage.scale is not None and entry.key[-1] == "device-tensor":
-                entry.scale = torch.tensor(float(stage.scale), dtype=torch.float32, device=x.device)
+            if stage.guidance is not None and entry.key[-1] == "device-tensor":
+                entry.scale = torch.tensor(float(stage.guidance), dtype=torch.float32, device=stage.latents.device)
             else:
                 entry.scale = None
-            entry.denoise = stage.make_denoise(entry.cond, stage.scale if entry.scale is None else entry.scale)
+            entry.denoise = denoiser(stage, networks, conditioning=entry.cond, guidance=entry.scale)
             # Warm-up, and this call's answer: the loop exactly as it will be captured, run eagerly.
-            result = run_loop(plan, entry.x, entry.denoise, entry.noise)
-        entry.signature = _storage_signature(stage.modules)
+            result = self._loop(entry)
+        entry.signature = _storage_signature(modules)
         if self.capture:
             try:
                 entry.graph, entry.out = self._capture(entry)
                 self._count("captures")
             except Exception as e:
-                self._fail(entry, name, "capture", e)
+                self._fail(entry, stage.name, "capture", e)
         entry.ready = not entry.failed
         if cuda:
             caller.wait_stream(entry.stream)
@@ -263,29 +245,38 @@ class StageGraphs:
             graph = torch.cuda.CUDAGraph()
             # "thread_local": other threads may keep launching eager work while this thread captures.
             with torch.cuda.graph(graph, stream=entry.stream, capture_error_mode="thread_local"):
-                out = run_loop(entry.plan, entry.x, entry.denoise, entry.noise)
+                out = self._loop(entry)
         return graph, out
 
-    def _load(self, entry: _Entry, x, noise, stage) -> None:
-        entry.x.copy_(x)
-        for buf, n in zip(entry.noise, noise):
+    @staticmethod
+    def _loop(entry: _Entry) -> torch.Tensor:
+        """The static-buffer loop (what is captured)."""
+        return run_loop(entry.stage, entry.denoise, latents=entry.x, noise=entry.noise, known_region=entry.known)
+
+    def _load(self, entry: _Entry, stage) -> None:
+        entry.x.copy_(stage.latents)
+        for buf, n in zip(entry.noise, stage.noise):
             if buf is not None:
                 buf.copy_(n)
         for k, buf in entry.cond.items():
             buf.copy_(stage.conditioning[k])
+        if entry.known is not None:
+            given = stage.known_region.tensors()
+            for k, buf in entry.known.tensors().items():
+                buf.copy_(given[k])
         if entry.scale is not None:
-            entry.scale.fill_(float(stage.scale))
+            entry.scale.fill_(float(stage.guidance))
 
-    def _replay(self, entry: _Entry, x, noise, stage) -> torch.Tensor:
+    def _replay(self, entry: _Entry, stage) -> torch.Tensor:
         cuda = entry.stream is not None
         if cuda:
             caller = torch.cuda.current_stream(self.device)
             # All use of this entry's buffers is ordered on its own stream, whatever stream each caller uses.
             entry.stream.wait_stream(caller)
         with self._stream_ctx(entry.stream):
-            self._load(entry, x, noise, stage)
+            self._load(entry, stage)
             if entry.graph is None:  # capture=False: the same static-buffer loop, eagerly
-                out = run_loop(entry.plan, entry.x, entry.denoise, entry.noise)
+                out = self._loop(entry)
             else:
                 entry.graph.replay()
                 out = entry.out.clone()  # the next replay overwrites the static output
@@ -302,3 +293,13 @@ class StageGraphs:
         entry.failed = True
         entry.release()
         self._count("failures")
+
+
+def run_captured(graphs: StageGraphs | None, stage, networks, observer=None) -> torch.Tensor:
+    """The capture strategy of a runner: the stage through `graphs` (replayed when captured), or the plain
+    loop when there are no graphs, an observer wants every step, or the configuration runs eagerly."""
+    if graphs is not None and not (observer is not None and observer.wants_steps):
+        out = graphs.run(stage, networks)
+        if out is not None:
+            return out
+    return run_loop(stage, denoiser(stage, networks), observer)

@@ -9,47 +9,22 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import Config, ConfigError, read_json
+from .samplers import ScheduleConfig
 from .weights import write_json
 
 DIFFUSERS_VERSION_WRITTEN = "0.42.1"  # what our saved model_index.json claims; diffusers loads it as its own
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """What the sampler needs from a `scheduler_config.json` (diffusers' UnCLIPScheduler fields)."""
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    variance_type: str = "fixed_small_log"
-    prediction_type: str = "epsilon"
-    clip_sample: bool = True
-    clip_sample_range: float = 1.0
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "SchedulerConfig":
-        cfg.expect("_class_name", ("UnCLIPScheduler",), default="UnCLIPScheduler")
-        cfg.reject_unknown([f for f in cls.__dataclass_fields__])
-        rng = cfg.get("clip_sample_range", 1.0, types=(int, float))
-        if not rng > 0:
-            raise cfg.error("clip_sample_range", f"= {rng!r} must be > 0")
-        return cls(
-            num_train_timesteps=cfg.get_int("num_train_timesteps", 1000, min_value=1),
-            beta_schedule=cfg.get("beta_schedule", "squaredcos_cap_v2", choices=("squaredcos_cap_v2", "linear")),
-            variance_type=cfg.get("variance_type", "fixed_small_log", choices=("fixed_small_log", "learned_range")),
-            prediction_type=cfg.get("prediction_type", "epsilon", choices=("epsilon", "sample")),
-            clip_sample=cfg.get("clip_sample", True, types=bool),
-            clip_sample_range=float(rng),
-        )
-
-    def to_dict(self) -> dict:
-        return {"_class_name": "UnCLIPScheduler", "_diffusers_version": DIFFUSERS_VERSION_WRITTEN, **asdict(self)}
+# The one schedule-config class (engine/samplers.py); this name is the one the loaders have always used.
+SchedulerConfig = ScheduleConfig
 
 
-def _model_classes():
+def model_classes():
     # Imported lazily so that `unclip.loading` stays importable while a model module is being edited.
     from .models.clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
     from .models.prior import PriorTransformer
@@ -59,7 +34,10 @@ def _model_classes():
         "text_encoder": (("transformers", "CLIPTextModelWithProjection"), CLIPTextModelWithProjection),
         "image_encoder": (("transformers", "CLIPVisionModelWithProjection"), CLIPVisionModelWithProjection),
         "prior": (("diffusers", "PriorTransformer"), PriorTransformer),
-        "text_proj": (("unclip", "UnCLIPTextProjModel"), TextProj),
+        # diffusers 0.42 resolves this entry from sys.modules (loaded with its UnCLIPPipeline): the one name its
+        # from_pretrained loads. It writes ["diffusers", ...] itself, which it cannot load back; Karlo's
+        # ["unclip", ...] would name our package. We read any library name and check only the class.
+        "text_proj": (("diffusers.pipelines.deprecated.unclip.text_proj", "UnCLIPTextProjModel"), TextProj),
         "decoder": (("diffusers", "UNet2DConditionModel"), ConditionalUNet),
         "super_res": (("diffusers", "UNet2DModel"), SuperResUNet),
     }
@@ -92,6 +70,18 @@ class Components:
     # The model's own recommended call settings (model_index.json "_unclip_call_defaults"), e.g. a guidance
     # scale tuned for it; a call's keyword overrides them, and Karlo's values apply where none is given.
     call_defaults: dict = field(default_factory=dict)
+    source: str | None = None  # where it came from (a folder, a preset), for reports and reprs
+
+    def networks(self) -> dict:
+        """{name: network} for every network slot that is filled: text_encoder, image_encoder, prior, text_proj,
+        decoder, and "<upsampler>.first" / "<upsampler>.last" (the last may be the first network itself).
+        The one list of a cascade's networks; runners and exporters key their networks by these names."""
+        out = {name: getattr(self, name) for name in ("text_encoder", "image_encoder", "prior", "text_proj", "decoder")
+               if getattr(self, name) is not None}
+        for up in self.upsamplers:
+            out[f"{up.name}.first"] = up.first
+            out[f"{up.name}.last"] = up.last
+        return out
 
 
 CALL_DEFAULT_KEYS = {"prior_guidance_scale": 4.0, "decoder_guidance_scale": 8.0}
@@ -130,7 +120,7 @@ def load_components(root: str, *, device="cpu", dtype: torch.dtype | None = None
     if not os.path.isdir(root):
         raise ConfigError(f"{root}: model directory not found")
     index = Config.from_file(os.path.join(root, "model_index.json"))
-    classes = _model_classes()
+    classes = model_classes()
 
     def model(key, kind=None):
         expected, cls = classes[kind or key]
@@ -179,22 +169,21 @@ def load_components(root: str, *, device="cpu", dtype: torch.dtype | None = None
     )
 
 
-def save_components(c: Components, root: str, dtype: torch.dtype | None = None) -> None:
-    """Write `c` in the diffusers layout, into a fresh sibling folder renamed into place at the end, so a
-    failure never leaves a half-written `root` (an existing `root` is replaced only on success)."""
-    import shutil
-    import tempfile
-
+def save_components(c: Components, root: str, dtype: torch.dtype | None = None, *, overwrite: bool = False) -> None:
+    """Write `c` in the diffusers layout. Everything goes into a staging sibling folder that replaces `root`
+    only when complete (unclip.files.replace_dir), so a failure or Ctrl-C at any point leaves `root` as it
+    was: the old model whole, or no folder. An existing model folder (one with model_index.json) is replaced;
+    any other non-empty folder only with `overwrite=True`, so a wrong path never deletes someone's files."""
+    from .files import discard_dir, make_staging_dir, replace_dir
     from .models import save_model
 
-    root = os.path.abspath(root)
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.tmp-")
+    root = os.path.abspath(os.fspath(root))
+    check_replaceable(root, overwrite)
+    tmp = make_staging_dir(root)
     try:
         index = {"_class_name": "UnCLIPPipeline" if c.prior is not None else "UnCLIPImageVariationPipeline",
                  "_diffusers_version": DIFFUSERS_VERSION_WRITTEN}
-        classes = _model_classes()
+        classes = model_classes()
 
         def put(key, module, kind=None):
             index[key] = list(classes[kind or key][0])
@@ -202,7 +191,7 @@ def save_components(c: Components, root: str, dtype: torch.dtype | None = None) 
 
         def put_scheduler(key, sched):
             index[key] = ["diffusers", "UnCLIPScheduler"]
-            write_json(os.path.join(tmp, key, "scheduler_config.json"), sched.to_dict())
+            write_json(os.path.join(tmp, key, "scheduler_config.json"), sched.to_dict(DIFFUSERS_VERSION_WRITTEN))
 
         c.tokenizer.save(os.path.join(tmp, "tokenizer"))
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
@@ -227,14 +216,19 @@ def save_components(c: Components, root: str, dtype: torch.dtype | None = None) 
         if c.call_defaults:
             index[CALL_DEFAULTS_ENTRY] = dict(c.call_defaults)
         write_json(os.path.join(tmp, "model_index.json"), index)
-        if os.path.exists(root):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.old-")
-            os.rmdir(old)
-            os.replace(root, old)
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
+        replace_dir(tmp, root)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_dir(tmp)
         raise
+
+
+def check_replaceable(root: str, overwrite: bool) -> None:
+    """Refuse to replace `root` when it is a file, or a non-empty folder that is not a model (no
+    model_index.json) and `overwrite` is not set. FileExistsError (an OSError) names the path."""
+    if not os.path.lexists(root):
+        return
+    if not os.path.isdir(root) or os.path.islink(root):
+        raise FileExistsError(f"{root} exists and is not a folder; choose another path")
+    if os.listdir(root) and not os.path.isfile(os.path.join(root, "model_index.json")) and not overwrite:
+        raise FileExistsError(f"{root} exists and is not a model folder (no model_index.json): saving would "
+                              "delete its files; choose another path, or pass overwrite=True to replace it")

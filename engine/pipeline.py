@@ -1,241 +1,144 @@
-"""`unclip.Pipeline`: prompt → prior → decoder → upsampler(s) → images, with diffusers' keywords and seeds.
+"""`unclip.Pipeline`: the package's face. Text to image (engine/text_to_image.py) with diffusers' keywords and
+seeds, and the CLIP latent-space tools (engine/latent_space.py), over one cascade core (engine/cascade.py).
 
-Every stage runs through `sampling.run_loop`; what differs between stages (networks, guidance, sampler,
-sizes) is data built in `_prior_stage`, `_decoder_stage` and `_super_res_stage`.
+Each method validates its call into a request (engine/request.py) and hands it to the client module that
+does the work; the two clients use only the core, never each other.
 """
 from __future__ import annotations
 
-import math
-import numbers
-import threading
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import samplers
-from .graphs import GraphStage, StageGraphs
-from .loading import CALL_DEFAULT_KEYS, Components, load_components, save_components
-from .samplers import seeded_randn as randn
-from .sampling import guided, run_loop
+from . import editing, latent_space, text_to_image
+from .cascade import Cascade, UnCLIPOutput
+from .errors import NonFiniteError
+from .loading import Components, save_components
+from .observers import Observer, call_observer, check_observer
+from .request import edit_request, generate_request, resolve_dtype
+from .runner import Runner, runner_class
 
-BACKENDS = ("torch", "fast", "onnxruntime", "tensorrt")
-OUTPUT_TYPES = ("pil", "np", "pt")
-SAMPLERS = ("ddpm", "ddim")
-
-
-class NonFiniteError(FloatingPointError):
-    """A stage produced NaN or Inf (typically fp16 overflow); the message names the stage."""
-
-
-@dataclass
-class UnCLIPOutput:
-    images: object  # list[PIL.Image] | np.ndarray (B, H, W, 3) | torch.Tensor (B, 3, H, W), values in [0, 1]
-    image_embeddings: torch.Tensor | None = None
-
-
-def _dtype_of(dtype) -> torch.dtype:
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return dtype
-    if isinstance(dtype, str) and dtype in names:
-        return names[dtype]
-    raise ValueError(f"dtype must be one of fp32, fp16, bf16 (or the torch dtypes); got {dtype!r}")
-
-
-def _check_steps(name: str, value, limit: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int in 1..{limit}; got {type(value).__name__}")
-    if not 1 <= value <= limit:
-        raise ValueError(f"{name} must be in 1..{limit}; got {value}")
-    return int(value)
-
-
-def _check_scale(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite real number; got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite; got {value}")
-    return float(value)
-
-
-def _per_stage(name: str, value, stages: list[str], default, check: Callable) -> dict:
-    """`value` for every stage, or a dict {stage: value} overriding `default` for some stages."""
-    if isinstance(value, dict):
-        unknown = set(value) - set(stages)
-        if unknown:
-            raise ValueError(f"{name}: unknown stage(s) {sorted(unknown)}; stages are {stages}")
-        return {s: check(value.get(s, default)) for s in stages}
-    return {s: check(value) for s in stages}
-
-
-def networks(c: Components) -> list[torch.nn.Module]:
-    """Every network of a cascade, once each (the last-step upsampler may be the first one)."""
-    nets = [c.text_encoder, c.prior, c.text_proj, c.decoder, c.image_encoder]
-    for up in c.upsamplers:
-        nets += [up.first, up.last]
-    unique = {id(n): n for n in nets if n is not None}
-    return list(unique.values())
-
-
-def _use_fast_kernels(c: Components, device: torch.device) -> None:
-    """The `fast` backend: the same modules with the Triton kernels at their attention and group-norm swap
-    points. Needs CUDA, or TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (for testing)."""
-    import os
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend 'fast' runs Triton kernels: it needs a CUDA device (got {device}), or "
-                         "TRITON_INTERPRET=1 to run them in Triton's CPU interpreter; use backend='torch' here")
-    from .kernels import use_kernels
-    for net in networks(c):
-        use_kernels(net)
+__all__ = ["Pipeline", "UnCLIPOutput", "NonFiniteError"]
 
 
 class Pipeline:
-    """The unCLIP cascade. Build with `from_pretrained(dir)` or `from_preset(name)`, then call with a prompt."""
+    """The unCLIP cascade. Build with `from_pretrained(dir)` or `from_preset(name)`, then call with a prompt.
 
-    def __init__(self, components: Components, *, device="cpu", dtype=torch.float32, backend: str = "torch"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        if backend == "fast":
-            _use_fast_kernels(components, torch.device(device))
-        elif backend in ("onnxruntime", "tensorrt"):  # networks become exported graphs; sampling is unchanged
-            from .export.loader import prepare_components
-            components = prepare_components(components, backend, device=device, dtype=dtype)
-        elif backend != "torch":
-            raise NotImplementedError(f"backend {backend!r} is not available yet in this version")
-        self.components = components
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.backend = backend
-        self._lock = threading.Lock()  # guards the plan cache; calls themselves share no mutable state
-        self._plans: dict = {}  # (schedule, steps, sampler, eta) -> plan: coefficients are computed once
-        # backend "fast" on CUDA: each stage's whole loop is captured in a CUDA graph (engine/graphs.py); else None
-        self._graphs = StageGraphs.for_backend(backend, self.device)
-        if backend == "tensorrt" and self._graphs is None:  # TensorRT enqueues are capturable: whole stage loops
-            from .export.tensorrt import stage_graphs
-            self._graphs = stage_graphs(self.device)
+    backend: a registered runner name ("torch", "fast", "onnxruntime", "tensorrt", see `unclip info`), a
+    `unclip.Runner` subclass, or a Runner instance; runner_options go to the runner's constructor (e.g.
+    {"cuda_graphs": False} for "fast")."""
+
+    def __init__(self, components: Components, *, device="cpu", dtype=torch.float32, backend="torch",
+                 runner_options: dict | None = None):
+        self.cascade = Cascade.build(components, backend=backend, device=device, dtype=resolve_dtype(dtype),
+                                     runner_options=runner_options)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, path: str, *, device="cpu", dtype=torch.float32, backend: str = "torch") -> "Pipeline":
-        """Load a diffusers-layout unCLIP folder (e.g. Karlo v1 alpha). Never writes into `path`."""
-        dtype = _dtype_of(dtype)
-        if backend in ("onnxruntime", "tensorrt"):  # an `unclip export` folder (or a model folder exported now)
-            from .export.loader import load_for_backend
-            return cls(load_for_backend(str(path), backend, device=device, dtype=dtype), device=device, dtype=dtype,
-                       backend=backend)
-        return cls(load_components(str(path), device=device, dtype=dtype), device=device, dtype=dtype,
-                   backend=backend)
+    def from_pretrained(cls, path: str, *, device="cpu", dtype=torch.float32, backend="torch",
+                        runner_options: dict | None = None) -> "Pipeline":
+        """Load a cascade folder. Never writes into `path`.
+
+        path: a diffusers-layout unCLIP folder (Karlo v1 alpha, its image-variation release, anything
+            `save_pretrained` wrote), or an `unclip export` folder for the backend that runs it.
+        device: "cpu", "cuda", "cuda:N", ... (a str or torch.device).
+        dtype: "fp32" | "fp16" | "bf16" or the torch dtype; weights are loaded in it (fp16/bf16 are for GPUs: on
+            a CPU they run slower than fp32).
+        backend: a registered runner name ("torch", "fast", "onnxruntime", "tensorrt", "native"; `unclip info`
+            says which run here), a `unclip.Runner` subclass or instance.
+        runner_options: keywords for the runner's constructor, e.g. {"cuda_graphs": False} for "fast".
+
+        Returns the Pipeline. Raises ValueError for a bad argument or a backend not available on `device`,
+        unclip.ConfigError / unclip.WeightsError naming the file for a bad folder."""
+        dtype = resolve_dtype(dtype)
+        klass = type(backend) if isinstance(backend, Runner) else runner_class(backend)
+        ok, reason = klass.available(device)
+        if not ok:
+            raise ValueError(f"backend {klass.name!r} is not available here: {reason}")
+        components = klass.load(str(path), device=device, dtype=dtype)
+        if components.source is None:
+            components.source = str(path)
+        return cls(components, device=device, dtype=dtype, backend=backend, runner_options=runner_options)
 
     @classmethod
-    def from_preset(cls, name: str, *, seed: int = 0, device="cpu", dtype=torch.float32,
-                    backend: str = "torch") -> "Pipeline":
-        """A random-weight cascade: "tiny" (fast on a CPU), "karlo" (Karlo's exact configs), "dalle2"."""
+    def from_preset(cls, name: str, *, seed: int = 0, device="cpu", dtype=torch.float32, backend="torch",
+                    runner_options: dict | None = None) -> "Pipeline":
+        """A cascade of a known shape.
+
+        name: "toy" (the trained shapes-world cascade shipped in the package, engine/assets/toy; `seed` unused),
+            or random weights: "tiny" (fast on a CPU), "karlo" (Karlo v1 alpha's exact configs), "dalle2" (the
+            paper's sizes, two upsamplers).
+        seed: draws the random weights (the same seed, the same weights).
+        device, dtype, backend, runner_options: as in `from_pretrained`.
+
+        Returns the Pipeline; ValueError for an unknown name."""
         from .presets import build_preset
-        dtype = _dtype_of(dtype)
-        return cls(build_preset(name, seed=seed, device=device, dtype=dtype), device=device, dtype=dtype,
-                   backend=backend)
+        dtype = resolve_dtype(dtype)
+        components = build_preset(name, seed=seed, device=device, dtype=dtype)
+        components.source = f"preset {name}" + ("" if name == "toy" else f" (seed {seed})")
+        return cls(components, device=device, dtype=dtype, backend=backend, runner_options=runner_options)
 
     def save_pretrained(self, path: str, dtype=None) -> None:
-        """Write the cascade in the diffusers layout (loadable by diffusers' UnCLIPPipeline too)."""
-        save_components(self.components, str(path), dtype=None if dtype is None else _dtype_of(dtype))
+        """Write the cascade to the folder `path` in the diffusers layout, atomically (a staging folder renamed
+        into place; an existing model folder is replaced only when the new one is complete).
+
+        dtype: store the weights in this dtype (default: as held).
+
+        The folder loads here and in diffusers 0.42's `UnCLIPPipeline.from_pretrained` (tests/test_readme.py:
+        the same images at the same seed, fp32 CPU, max |Δ| ≤ 1e-4); each component folder also loads alone
+        in diffusers/transformers. `model_index.json` names text_proj's library as the module diffusers 0.42
+        keeps `UnCLIPTextProjModel` in (see the README). Returns None; FileExistsError when `path` is a file or
+        a non-empty folder that is not a model folder."""
+        save_components(self.components, str(path), dtype=None if dtype is None else resolve_dtype(dtype))
 
     # ------------------------------------------------------------------ properties
     @property
+    def components(self) -> Components:
+        return self.cascade.components
+
+    @property
+    def runner(self):
+        return self.cascade.runner
+
+    @property
+    def backend(self) -> str:
+        return self.cascade.backend
+
+    @property
+    def device(self) -> torch.device:
+        return self.cascade.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cascade.dtype
+
+    @property
     def stage_names(self) -> list[str]:
-        c = self.components
-        return (["prior"] if c.prior is not None else []) + ["decoder"] + [u.name for u in c.upsamplers]
+        return self.cascade.stage_names
 
     @property
     def image_size(self) -> int:
-        return self.components.upsamplers[-1].first.config.sample_size
-
-    # ------------------------------------------------------------------ text
-    def encode_prompt(self, prompt: str | list[str], num_images_per_prompt: int = 1, guidance: bool = True):
-        """CLIP text features in the layout every stage expects: ([uncond] + cond rows, each prompt repeated
-        `num_images_per_prompt` times). Returns (text_embeds, hidden_states, mask)."""
-        c = self.components
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        embeds, hidden, mask = self._encode_texts(prompts)
-        n = num_images_per_prompt
-        embeds, hidden, mask = (t.repeat_interleave(n, dim=0) for t in (embeds, hidden, mask))
-        return self._with_uncond(embeds, hidden, mask, len(prompts), n) if guidance else (embeds, hidden, mask)
-
-    def _encode_texts(self, prompts: list[str]):
-        tokens = self.components.tokenizer(prompts)
-        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        embeds, hidden = self.components.text_encoder(ids)
-        return embeds, hidden, mask
-
-    def _with_uncond(self, embeds, hidden, mask, batch: int, n: int):
-        """Prepend the empty caption's features. They are encoded as a batch of `batch` rows, as diffusers
-        does: CPU kernels round differently with the batch size, and Karlo's first super-resolution step
-        amplifies even one-ulp differences, so the same batch shape keeps us bit-identical."""
-        u = self._encode_texts([""] * batch)
-        u_embeds, u_hidden, u_mask = (t.repeat_interleave(n, dim=0) for t in u)
-        return torch.cat([u_embeds, embeds]), torch.cat([u_hidden, hidden]), torch.cat([u_mask, mask])
-
-    # ------------------------------------------------------------------ stages
-    def _plan(self, scheduler, steps, sampler, eta):
-        key = (scheduler, steps, sampler, eta)
-        with self._lock:
-            plan = self._plans.get(key)
-        if plan is None:
-            plan = samplers.make_plan(scheduler, steps, sampler=sampler, eta=eta, device=self.device)
-            with self._lock:
-                if len(self._plans) >= 64:  # bounded: a service cycling through step counts must not grow
-                    self._plans.clear()
-                self._plans[key] = plan
-        return plan
-
-    def _initial(self, shape, latents, generator, name):
-        if latents is None:
-            return randn(shape, generator, self.device, self.dtype)
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(latents).__name__}")
-        if tuple(latents.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(latents.shape)}")
-        return latents.to(self.device, self.dtype)
-
-    def _noise(self, plan, shape, generator):
-        return [randn(shape, generator, self.device, self.dtype) if draws else None
-                for draws in plan.draws_noise]
-
-    def _run(self, name, plan, x, denoise, generator, callback, progress, graph: GraphStage | None = None):
-        # Noise for every stochastic step is drawn before the loop: same order as diffusers (initial
-        # latents, then one draw per step with t > 0), and the loop itself does no random draws.
-        noise = self._noise(plan, tuple(x.shape), generator)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=plan.num_steps, desc=name, leave=False)
-        stage_cb = None if callback is None else (lambda i, t, xi: callback(name, i, t, xi))
-        try:
-            x, noise = x.float(), [None if n is None else n.float() for n in noise]
-            out = None
-            if graph is not None and self._graphs is not None and callback is None:  # per-step callbacks: eager
-                out = self._graphs.run(name, plan, x, noise, graph, self.dtype)  # None: run this one eagerly
-            if out is None:
-                out = run_loop(plan, x, denoise, noise, stage_cb, bar)
-            elif bar is not None:
-                bar.update(plan.num_steps)
-            x = out
-        finally:
-            if bar is not None:
-                bar.close()
-        if not torch.isfinite(x).all():
-            raise NonFiniteError(f"stage '{name}' produced non-finite values (dtype {self.dtype}); "
-                                 "try float32 or bfloat16")
-        return x
+        return self.cascade.image_size
 
     def call_default(self, name: str, value=None):
-        """`value` if given, else the model's recommended setting for keyword `name` (Karlo's if it has none)."""
-        if value is not None:
-            return value
-        return self.components.call_defaults.get(name, CALL_DEFAULT_KEYS[name])
+        """The value a call uses for keyword `name` ("prior_guidance_scale" or "decoder_guidance_scale"):
+        `value` if it is not None, else the model's recommended setting (model_index.json
+        "_unclip_call_defaults"), else Karlo's (4 and 8). The toy model recommends 4 and 2."""
+        return self.cascade.call_default(name, value)
+
+    def encode_prompt(self, prompt: str | list[str], num_images_per_prompt: int = 1, guidance: bool = True):
+        """CLIP text features in the layout every stage expects.
+
+        prompt: a str or a non-empty list of str. num_images_per_prompt: rows per prompt (each prompt repeated).
+        guidance: also encode the empty caption as the unconditional rows, first ([uncond; cond]).
+
+        Returns (text_embeds (R, D), hidden_states (R, 77, W), mask (R, 77) bool), R = (2 if guidance else 1)
+        × prompts × num_images_per_prompt."""
+        from .request import check_int, check_prompts
+        prompts = check_prompts(prompt)
+        n = check_int("num_images_per_prompt", num_images_per_prompt, 1, 10**6)
+        with torch.inference_mode():
+            return self.cascade.encode_prompts(prompts, n, guidance)
 
     # ------------------------------------------------------------------ call
     @torch.inference_mode()
@@ -247,9 +150,25 @@ class Pipeline:
                  text_attention_mask: torch.Tensor | None = None, prior_guidance_scale: float | None = None,
                  decoder_guidance_scale: float | None = None, output_type: str = "pil", return_dict: bool = True, *,
                  sampler: str | dict = "ddpm", eta: float | dict = 0.0, prior_candidates: int = 1,
-                 callback: Callable | None = None, progress: bool = True):
-        """Generate images. Keywords shared with diffusers' UnCLIPPipeline mean the same, and with the same
-        CPU generator the random draws are the same (seed compatibility). Extras:
+                 callback: Callable | None = None, progress: bool = True, observer: Observer | None = None,
+                 negative_prompt: str | list[str] | None = None, rerank: int = 1):
+        """Generate images from text. Keywords shared with diffusers' UnCLIPPipeline mean the same, and with
+        the same CPU generator the random draws are the same (seed compatibility):
+
+        prompt: a str or a list of str (None only with text_model_output).
+        num_images_per_prompt: images per prompt (int >= 1).
+        prior_/decoder_/super_res_num_inference_steps: sampling steps per stage (1..the schedule's training
+            steps); super_res takes one int per upsampler too.
+        generator: a CPU torch.Generator (or one per image) for every random draw; None: torch's global one.
+        prior_latents, decoder_latents, super_res_latents: initial noise of a stage instead of drawing it
+            (shapes (B, D), (B, 3, S, S), (B, 3, S', S') or a list with one entry per upsampler).
+        text_model_output, text_attention_mask: precomputed CLIP text features instead of `prompt`.
+        prior_guidance_scale, decoder_guidance_scale: classifier-free guidance; guidance is on for both stages
+            when either is > 1 (as in diffusers).
+        output_type: "pil" (list of PIL images), "np" (float (B, H, W, 3) in [0, 1]), "pt" ((B, 3, H, W) in
+            [0, 1]). return_dict: False returns a tuple.
+
+        Extras:
 
         Guidance scales left at None take the model's recommended values (`call_default`): 4 and 8 as in
         Karlo, unless the model folder says otherwise (the toy model does).
@@ -258,217 +177,197 @@ class Pipeline:
         prior_candidates: draw k prior embeddings per image, keep the one whose direction is closest to the
             text embedding (highest dot product of the unit vectors; the paper's trick). k > 1 draws extra noise.
         callback: called as callback(stage, step_index, timestep, latents) after every step.
-        progress: tqdm bars per stage.
+        progress: tqdm bars per stage. observer: a `unclip.Observer` told about every stage (and step).
+        negative_prompt: a str (for every prompt) or one per prompt: the unconditional half of classifier-free
+            guidance uses its text features in the prior and the decoder instead of the empty caption's.
+            None keeps the empty caption (and diffusers' images, bit for bit).
+        rerank: draw k images per requested image and keep the one with the highest CLIP image–text cosine
+            (needs an image encoder); the kept images' cosines are the output's `scores`.
+
+        Every argument is checked before any work (ValueError/TypeError naming it). Returns
+        UnCLIPOutput(images, image_embeddings[, scores]), or (images,) with return_dict=False.
         """
-        c = self.components
-        if c.prior is None:
-            raise ValueError("this pipeline has no prior (an image-variation model): use pipe.variations(...)")
-        # ---- validate everything before any work, so a bad call leaves nothing half-done
-        if prompt is None and text_model_output is None:
-            raise ValueError("prompt must be a str or a list of str (or pass text_model_output)")
-        if prompt is not None:
-            if isinstance(prompt, str):
-                prompts = [prompt]
-            elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-                prompts = list(prompt)
-            else:
-                raise TypeError("prompt must be a str or a non-empty list of str; "
-                                f"got {type(prompt).__name__}" + (" (empty)" if prompt == [] else ""))
-            batch = len(prompts)
-        else:
-            if text_attention_mask is None:
-                raise ValueError("text_attention_mask is required with text_model_output")
-            batch = text_model_output[0].shape[0]
-        n = _check_steps("num_images_per_prompt", num_images_per_prompt, 10**6)
-        k = _check_steps("prior_candidates", prior_candidates, 64)
-        stages = self.stage_names
-        train = c.decoder_scheduler.num_train_timesteps
-        steps = {"prior": _check_steps("prior_num_inference_steps", prior_num_inference_steps,
-                                       c.prior_scheduler.num_train_timesteps),
-                 "decoder": _check_steps("decoder_num_inference_steps", decoder_num_inference_steps, train)}
-        sr_steps = super_res_num_inference_steps
-        sr_steps = list(sr_steps) if isinstance(sr_steps, (list, tuple)) else [sr_steps] * len(c.upsamplers)
-        if len(sr_steps) != len(c.upsamplers):
-            raise ValueError(f"super_res_num_inference_steps: give one int or {len(c.upsamplers)} (one per upsampler)")
-        for up, s in zip(c.upsamplers, sr_steps):
-            steps[up.name] = _check_steps("super_res_num_inference_steps", s, up.scheduler.num_train_timesteps)
-        prior_scale = _check_scale("prior_guidance_scale", self.call_default("prior_guidance_scale", prior_guidance_scale))
-        decoder_scale = _check_scale("decoder_guidance_scale",
-                                     self.call_default("decoder_guidance_scale", decoder_guidance_scale))
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
-        sampler_of = _per_stage("sampler", sampler, stages, "ddpm", self._check_sampler)
-        eta_of = _per_stage("eta", eta, stages, 0.0, self._check_eta)
-        if generator is not None and not isinstance(generator, (torch.Generator, list, tuple)):
-            raise TypeError(f"generator must be a torch.Generator or a list of them; got {type(generator).__name__}")
-        if super_res_latents is not None and not isinstance(super_res_latents, (list, tuple)):
-            super_res_latents = [super_res_latents] + [None] * (len(c.upsamplers) - 1)
-        super_res_latents = list(super_res_latents or [None] * len(c.upsamplers))
-
-        rows = batch * n
-        # As in diffusers: guidance (an [uncond, cond] batch) is on for both text-conditioned stages when
-        # either scale is > 1, and then each stage combines with its own scale.
-        cfg = prior_scale > 1.0 or decoder_scale > 1.0
-
-        # ---- text
-        if prompt is not None:
-            text_embeds, text_hidden, text_mask = self.encode_prompt(prompts, n, guidance=cfg)
-        else:
-            text_embeds, text_hidden, text_mask = self._text_from_output(text_model_output, text_attention_mask, n, cfg)
-
-        # ---- prior
-        image_embeds = self._prior_stage(text_embeds, text_hidden, text_mask, rows, k, cfg, prior_scale, steps,
-                                         sampler_of, eta_of, prior_latents, generator, callback, progress)
-        # ---- decoder
-        x = self._decoder_stage(image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, decoder_scale, steps,
-                                sampler_of, eta_of, decoder_latents, generator, callback, progress)
-        # ---- upsamplers
-        for up, latents in zip(c.upsamplers, super_res_latents):
-            x = self._super_res_stage(up, x, rows, steps, sampler_of, eta_of, latents, generator, callback, progress)
-
-        images = self._to_output((x * 0.5 + 0.5).clamp(0, 1), output_type)
-        return UnCLIPOutput(images, image_embeds) if return_dict else (images,)
+        cascade = self.cascade
+        r = generate_request(
+            cascade, prompt=prompt, num_images_per_prompt=num_images_per_prompt,
+            prior_num_inference_steps=prior_num_inference_steps,
+            decoder_num_inference_steps=decoder_num_inference_steps,
+            super_res_num_inference_steps=super_res_num_inference_steps, generator=generator,
+            prior_latents=prior_latents, decoder_latents=decoder_latents, super_res_latents=super_res_latents,
+            text_model_output=text_model_output, text_attention_mask=text_attention_mask,
+            prior_guidance_scale=prior_guidance_scale, decoder_guidance_scale=decoder_guidance_scale,
+            output_type=output_type, return_dict=return_dict, sampler=sampler, eta=eta,
+            prior_candidates=prior_candidates, callback=callback, progress=progress,
+            call_default=cascade.call_default, negative_prompt=negative_prompt, rerank=rerank)
+        obs = call_observer(check_observer(observer), r.callback, r.progress)
+        if r.rerank > 1:
+            return editing.best_of(cascade, r, lambda wide: text_to_image.generate(cascade, wide, obs), obs)
+        return text_to_image.generate(cascade, r, obs)
 
     # ------------------------------------------------------------------ CLIP latent space (unclip.latent_space)
-    def encode_image(self, images=None, *, pixel_values=None) -> torch.Tensor:
-        """CLIP image embeddings (B, D) of images of any size/mode; see `unclip.latent_space.encode_image`."""
-        from . import latent_space
-        return latent_space.encode_image(self, images, pixel_values=pixel_values)
+    def encode_image(self, images=None, *, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """CLIP image embeddings of images (needs the cascade's image encoder).
 
-    def variations(self, image=None, *args, **kwargs):
-        """Image variations, seed-compatible with diffusers' UnCLIPImageVariationPipeline; see
-        `unclip.latent_space.variations`."""
-        from . import latent_space
-        return latent_space.variations(self, image, *args, **kwargs)
+        images: one image or a list: PIL of any size/mode, uint8 arrays (H, W, C) / (C, H, W), tensors
+            (C, H, W) / (B, C, H, W); preprocessed exactly as transformers' CLIPImageProcessor does.
+        pixel_values: CLIP-preprocessed (B, 3, size, size) instead of `images` (exactly one of the two).
 
-    def invert(self, image=None, num_inference_steps: int = 50, **kwargs):
-        """DDIM inversion of the decoder (image → x_T given z_i); see `unclip.latent_space.invert`."""
-        from . import latent_space
-        return latent_space.invert(self, image, num_inference_steps, **kwargs)
+        Returns a float tensor (B, D) on the pipeline's device."""
+        return latent_space.encode_image(self.cascade, images, pixel_values=pixel_values)
 
-    def reconstruct(self, inversion, **kwargs) -> torch.Tensor:
-        """Decode an inversion back with DDIM η = 0; see `unclip.latent_space.reconstruct`."""
-        from . import latent_space
-        return latent_space.reconstruct(self, inversion, **kwargs)
+    def variations(self, image=None, num_images_per_prompt: int = 1, decoder_num_inference_steps: int = 25,
+                   super_res_num_inference_steps: int | list[int] = 7, generator=None,
+                   decoder_latents: torch.Tensor | None = None, super_res_latents=None,
+                   image_embeddings: torch.Tensor | None = None, decoder_guidance_scale: float | None = None,
+                   output_type: str = "pil", return_dict: bool = True, *, pixel_values: torch.Tensor | None = None,
+                   sampler: str | dict = "ddpm", eta: float | dict = 0.0, callback: Callable | None = None,
+                   progress: bool = True, observer: Observer | None = None,
+                   negative_prompt: str | list[str] | None = None):
+        """Image variations, seed-compatible with diffusers' UnCLIPImageVariationPipeline: the images' CLIP
+        embeddings (or `image_embeddings`, or `pixel_values`) decoded with fresh noise, then upsampled.
+        negative_prompt: the decoder's unconditional guidance rows use that caption instead of the empty one.
+        Returns UnCLIPOutput(images, image_embeddings). See `unclip.latent_space.variations`."""
+        return latent_space.variations(
+            self.cascade, image, num_images_per_prompt, decoder_num_inference_steps, super_res_num_inference_steps,
+            generator, decoder_latents, super_res_latents, image_embeddings, decoder_guidance_scale, output_type,
+            return_dict, pixel_values=pixel_values, sampler=sampler, eta=eta, callback=callback,
+            progress=progress, observer=observer, negative_prompt=negative_prompt)
 
-    def interpolate(self, start, end, num: int = 5, **kwargs):
-        """Images along the slerp between two embeddings; see `unclip.latent_space.interpolate`."""
-        from . import latent_space
-        return latent_space.interpolate(self, start, end, num, **kwargs)
+    # ------------------------------------------------------------------ editing (unclip.editing)
+    @torch.inference_mode()
+    def inpaint(self, image, mask, prompt: str | list[str] | None = None, *,
+                image_embeddings: torch.Tensor | None = None, negative_prompt: str | list[str] | None = None,
+                strength: float = 1.0, resample_jumps: int = 0, num_images_per_prompt: int = 1,
+                prior_num_inference_steps: int = 25, decoder_num_inference_steps: int = 25,
+                super_res_num_inference_steps: int | list[int] = 7, prior_guidance_scale: float | None = None,
+                decoder_guidance_scale: float | None = None, generator=None, sampler: str | dict = "ddpm",
+                eta: float | dict = 0.0, output_type: str = "pil", return_dict: bool = True,
+                callback: Callable | None = None, progress: bool = True, observer: Observer | None = None):
+        """Repaint the masked region of images with the cascade's own decoder (RePaint; see `unclip.editing`).
 
-    def text_diff(self, image, from_caption: str, to_caption: str, *args, **kwargs):
-        """Edit an image along a caption difference (z_d); see `unclip.latent_space.text_diff`."""
-        from . import latent_space
-        return latent_space.text_diff(self, image, from_caption, to_caption, *args, **kwargs)
+        image: one image or a list (PIL, arrays, tensors; read as its centred square at the output resolution).
+        mask: white / 1 / True = repaint, black = keep; PIL (1, L, P, RGB, RGBA...), array or tensor (H, W), any
+            size with the image's aspect ratio; one for all images or one per image. Resized to every stage.
+        prompt: what to paint (through the prior); or `image_embeddings` (B, D); neither: the image's own CLIP
+            embedding. strength in (0, 1]: how far into the decoder's schedule to start (1 = from pure noise
+            in the masked region). resample_jumps: RePaint's resampling, J extra passes per decoder step.
+        Every unmasked pixel of the output equals the source's exactly. Returns UnCLIPOutput(images,
+        image_embeddings)."""
+        r = self._edit_request("inpaint", image, mask, prompt, image_embeddings, negative_prompt, strength,
+                               resample_jumps, locals())
+        return editing.edit(self.cascade, r, call_observer(check_observer(observer), r.callback, r.progress))
 
-    # ------------------------------------------------------------------ stage builders
-    def _check_sampler(self, s):
-        if s not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {s!r}")
-        return s
+    def outpaint(self, image, pad=(0, 0, 0, 0), prompt: str | list[str] | None = None, **kwargs):
+        """Extend an image (or each of a list) by pad = (left, top, right, bottom) pixels: the canvas (edges
+        repeated) and the mask of its new border are built here, then `inpaint(canvases, masks, prompt,
+        **kwargs)` fills the border. A canvas that is not square is read, like any image, as its centred square."""
+        canvases, masks = editing.outpaint_canvas(image, pad)
+        return self.inpaint(canvases, masks, prompt, **kwargs)
 
-    def _check_eta(self, e):
-        e = _check_scale("eta", e)
-        if e < 0:
-            raise ValueError(f"eta must be >= 0; got {e}")
-        return e
+    @torch.inference_mode()
+    def img2img(self, image, prompt: str | list[str] | None = None, *, strength: float = 0.6,
+                image_embeddings: torch.Tensor | None = None, negative_prompt: str | list[str] | None = None,
+                num_images_per_prompt: int = 1, prior_num_inference_steps: int = 25,
+                decoder_num_inference_steps: int = 25, super_res_num_inference_steps: int | list[int] = 7,
+                prior_guidance_scale: float | None = None, decoder_guidance_scale: float | None = None,
+                generator=None, sampler: str | dict = "ddpm", eta: float | dict = 0.0, output_type: str = "pil",
+                return_dict: bool = True, callback: Callable | None = None, progress: bool = True,
+                observer: Observer | None = None):
+        """SDEdit: the decoder, then each upsampler, starts from the image noised to `strength` (in (0, 1]) of
+        its schedule, so low strengths keep its layout and colours and 1.0 is text-to-image. Conditioned by the prompt's prior
+        embedding, or `image_embeddings`, or (neither) the image's own. Returns UnCLIPOutput(images,
+        image_embeddings)."""
+        r = self._edit_request("img2img", image, None, prompt, image_embeddings, negative_prompt, strength, 0,
+                               locals())
+        return editing.edit(self.cascade, r, call_observer(check_observer(observer), r.callback, r.progress))
 
-    def _text_from_output(self, text_model_output, mask, n, cfg):
-        embeds, hidden = text_model_output[0].to(self.device, self.dtype), text_model_output[1].to(self.device, self.dtype)
-        batch = embeds.shape[0]
-        embeds, hidden, mask = (t.repeat_interleave(n, dim=0) for t in (embeds, hidden, mask.to(self.device).bool()))
-        return self._with_uncond(embeds, hidden, mask, batch, n) if cfg else (embeds, hidden, mask)
+    def _edit_request(self, mode, image, mask, prompt, image_embeddings, negative_prompt, strength,
+                      resample_jumps, kw):
+        return edit_request(
+            self.cascade, mode=mode, image=image, mask=mask, prompt=prompt, image_embeddings=image_embeddings,
+            negative_prompt=negative_prompt, strength=strength, resample_jumps=resample_jumps,
+            num_images_per_prompt=kw["num_images_per_prompt"],
+            prior_num_inference_steps=kw["prior_num_inference_steps"],
+            decoder_num_inference_steps=kw["decoder_num_inference_steps"],
+            super_res_num_inference_steps=kw["super_res_num_inference_steps"],
+            prior_guidance_scale=kw["prior_guidance_scale"], decoder_guidance_scale=kw["decoder_guidance_scale"],
+            generator=kw["generator"], sampler=kw["sampler"], eta=kw["eta"], output_type=kw["output_type"],
+            return_dict=kw["return_dict"], callback=kw["callback"], progress=kw["progress"],
+            call_default=self.cascade.call_default)
 
-    def _prior_stage(self, text_embeds, text_hidden, text_mask, rows, k, cfg, scale, steps, sampler_of, eta_of,
-                     latents, generator, callback, progress):
-        c = self.components
-        prior = c.prior
-        dim = prior.config.embedding_dim
-        plan = self._plan(c.prior_scheduler, steps["prior"], sampler_of["prior"], eta_of["prior"])
-        if k > 1:  # candidates: every text row repeated k times (rows stay grouped per image)
-            text_embeds, text_hidden, text_mask = (t.repeat_interleave(k, dim=0) for t in (text_embeds, text_hidden, text_mask))
-        x = self._initial((rows * k, dim), latents, generator, "prior_latents")
+    def invert(self, image=None, num_inference_steps: int = 50, *, image_embeddings: torch.Tensor | None = None,
+               decoder_image: torch.Tensor | None = None, decoder_guidance_scale: float = 1.0,
+               callback: Callable | None = None, observer: Observer | None = None):
+        """DDIM inversion of the decoder: the x_T from which DDIM (η = 0) decodes back to `image`, given its
+        CLIP embedding z_i.
 
-        def make_denoise(cond, scale):
-            def call(x_in, t, i):
-                return prior(x_in.to(self.dtype), t, cond["text_embeds"], cond["text_hidden"], cond["text_mask"])
-            return guided(call, scale) if cfg else call
-        conditioning = {"text_embeds": text_embeds, "text_hidden": text_hidden, "text_mask": text_mask}
-        graph = GraphStage(make_denoise, conditioning, scale if cfg else None, key=(cfg,), modules=(prior,))
-        x = self._run("prior", plan, x, make_denoise(conditioning, scale), generator, callback, progress, graph=graph)
-        embeds = prior.post_process_latents(x.to(self.dtype))
-        if k > 1:
-            cond = text_embeds[-rows * k:].reshape(rows, k, -1)[:, 0]
-            cand = embeds.reshape(rows, k, -1)
-            score = (F.normalize(cand.float(), dim=-1) * F.normalize(cond.float(), dim=-1)[:, None]).sum(-1)
-            embeds = cand[torch.arange(rows, device=embeds.device), score.argmax(dim=1)]
-        return embeds
+        image: one image (any form `encode_image` takes), or None with `image_embeddings` and `decoder_image`.
+        num_inference_steps: inversion steps (more: closer reconstruction). image_embeddings: z_i instead of
+        encoding `image`. decoder_image: the image already at the decoder's resolution in [-1, 1].
+        decoder_guidance_scale: guidance during inversion (1 inverts best). callback, observer: as in `__call__`.
 
-    def _decoder_denoiser(self, image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale, *,
-                          with_graph: bool = False):
-        """The decoder's denoise(x, t, i) conditioned on these embeddings (guided when `cfg`); shared by the
-        decoder stage and the latent-space tools (DDIM inversion, decoding from given latents).
-        `with_graph`: return (denoise, GraphStage) so the stage can be captured."""
-        c = self.components
-        k = text_embeds.shape[0] // (rows * (2 if cfg else 1))
-        if k > 1:  # undo the candidate repetition done for the prior
-            text_embeds, text_hidden, text_mask = (t[::k] for t in (text_embeds, text_hidden, text_mask))
-        context, time_embed = c.text_proj(image_embeds, text_embeds, text_hidden, cfg)
-        extra = context.shape[1] - text_mask.shape[1]
-        mask = F.pad(text_mask, (extra, 0), value=True)
-        dec = c.decoder
+        Returns a `latent_space.Inversion` (latents x_T, image_embeddings z_i, image x0 in [-1, 1], steps,
+        guidance). See `unclip.latent_space.invert`."""
+        return latent_space.invert(self.cascade, image, num_inference_steps, image_embeddings=image_embeddings,
+                                   decoder_image=decoder_image, decoder_guidance_scale=decoder_guidance_scale,
+                                   callback=callback, observer=observer)
 
-        learned = dec.config.in_channels if c.decoder_scheduler.variance_type == "learned_range" else None
+    def reconstruct(self, inversion, *, callback: Callable | None = None,
+                    observer: Observer | None = None) -> torch.Tensor:
+        """Decode an `Inversion` back with DDIM η = 0: the decoder-resolution images (B, C, S, S) in [-1, 1]
+        (the decoder's own resolution, not clamped), ≈ `inversion.image`."""
+        return latent_space.reconstruct(self.cascade, inversion, callback=callback, observer=observer)
 
-        def make_denoise(cond, scale):
-            def call(x_in, t, i):
-                return dec(x_in.to(self.dtype), t, cond["context"], cond["time_embed"], cond["mask"])
-            return guided(call, scale, learned_variance_channels=learned) if cfg else call
-        cond = {"context": context, "time_embed": time_embed, "mask": mask}
-        denoise = make_denoise(cond, scale)
-        if not with_graph:
-            return denoise
-        return denoise, GraphStage(make_denoise, cond, scale if cfg else None, key=(cfg, learned), modules=(dec,))
+    def interpolate(self, start, end, num: int = 5, *, noise: str = "fixed", generator=None,
+                    decoder_num_inference_steps: int = 25, super_res_num_inference_steps: int | list[int] = 7,
+                    decoder_guidance_scale: float | None = None, prior_num_inference_steps: int = 25,
+                    prior_guidance_scale: float | None = None, output_type: str = "pil", return_dict: bool = True,
+                    callback: Callable | None = None, progress: bool = True, observer: Observer | None = None):
+        """`num` images (ends included) along the slerp between two CLIP image embeddings.
 
-    def _decoder_stage(self, image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale, steps, sampler_of,
-                       eta_of, latents, generator, callback, progress):
-        c = self.components
-        denoise, graph = self._decoder_denoiser(image_embeds, text_embeds, text_hidden, text_mask, rows, cfg, scale,
-                                                with_graph=True)
-        dec = c.decoder
-        size, channels = dec.config.sample_size, dec.config.in_channels
-        plan = self._plan(c.decoder_scheduler, steps["decoder"], sampler_of["decoder"], eta_of["decoder"])
-        x = self._initial((rows, channels, size, size), latents, generator, "decoder_latents")
-        x = self._run("decoder", plan, x, denoise, generator, callback, progress, graph=graph)
-        return x.clamp(-1, 1)
+        start, end: each an image, a prompt (embedded by the prior: needs one) or a (D,) embedding.
+        num: images in the series (>= 2). noise: "fixed" (one decoder noise for all, the model's decoder
+            guidance) or "inverted" (both images' DDIM-inverted x_T, slerped too; guidance 1, so the ends
+            reconstruct the inputs; needs image ends). generator: the noise draws (CPU torch.Generator).
+        decoder_/super_res_num_inference_steps, decoder_guidance_scale: the decoding (DDIM η = 0).
+        prior_num_inference_steps, prior_guidance_scale: for prompt ends. output_type, return_dict, callback,
+        progress, observer: as in `__call__`.
 
-    def _super_res_stage(self, up, low_res, rows, steps, sampler_of, eta_of, latents, generator, callback, progress):
-        size = up.first.config.sample_size
-        channels = up.first.config.in_channels // 2
-        plan = self._plan(up.scheduler, steps[up.name], sampler_of[up.name], eta_of[up.name])
-        x = self._initial((rows, channels, size, size), latents, generator,
-                          "super_res_latents" if up.name == "super_res" else f"super_res_latents[{up.name}]")
-        # Resample in fp32 (the CPU has no half-precision antialiased bicubic), then cast for the network.
-        upscaled = F.interpolate(low_res.float(), size=[size, size], mode="bicubic", align_corners=False,
-                                 antialias=True).to(self.dtype)
-        last_step = plan.num_steps - 1
+        Returns LatentSeriesOutput(images, image_embeddings, thetas, latents). See
+        `unclip.latent_space.interpolate`."""
+        return latent_space.interpolate(
+            self.cascade, start, end, num, noise=noise, generator=generator,
+            decoder_num_inference_steps=decoder_num_inference_steps,
+            super_res_num_inference_steps=super_res_num_inference_steps, decoder_guidance_scale=decoder_guidance_scale,
+            prior_num_inference_steps=prior_num_inference_steps, prior_guidance_scale=prior_guidance_scale,
+            output_type=output_type, return_dict=return_dict, callback=callback, progress=progress, observer=observer)
 
-        def make_denoise(cond, scale):
-            def call(x_in, t, i):
-                net = up.last if i == last_step else up.first  # static per step: capturable
-                return net(torch.cat([x_in.to(self.dtype), cond["upscaled"]], dim=1), t)
-            return call
-        cond = {"upscaled": upscaled}
-        graph = GraphStage(make_denoise, cond, None, key=(), modules=(up.first, up.last))
-        return self._run(up.name, plan, x, make_denoise(cond, None), generator, callback, progress, graph=graph)
+    def text_diff(self, image, from_caption: str, to_caption: str,
+                  thetas: Sequence[float] = latent_space.DEFAULT_EDIT_THETAS, *, generator=None,
+                  decoder_num_inference_steps: int = 50, super_res_num_inference_steps: int | list[int] = 7,
+                  decoder_guidance_scale: float = 1.0, image_embeddings: torch.Tensor | None = None,
+                  output_type: str = "pil", return_dict: bool = True, callback: Callable | None = None,
+                  progress: bool = True, observer: Observer | None = None):
+        """Edit an image along a caption difference, one image per θ: its embedding z_i rotated toward
+        z_d = norm(z_t − z_t0), z_θ = |z_i|·slerp(ẑ_i, z_d, θ), each decoded from the image's inverted x_T.
 
-    # ------------------------------------------------------------------ output
-    @staticmethod
-    def _to_output(images: torch.Tensor, output_type: str):
-        if output_type == "pt":
-            return images.float().cpu()
-        array = images.float().cpu().permute(0, 2, 3, 1).numpy()
-        if output_type == "np":
-            return array
-        from PIL import Image
-        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+        image: the image to edit (any form `encode_image` takes). from_caption: a caption of the image as it
+        is (z_t0); to_caption: the caption to move toward (z_t). thetas: positions in [0, 1] (0 = the image
+        itself). generator: the upsamplers' noise. decoder_num_inference_steps: inversion and decoding steps.
+        decoder_guidance_scale: 1 (no guidance) edits best. image_embeddings: z_i instead of encoding `image`.
+        super_res_num_inference_steps, output_type, return_dict, callback, progress, observer: as in `__call__`.
+
+        Returns LatentSeriesOutput(images, image_embeddings, thetas, latents). See
+        `unclip.latent_space.text_diff`."""
+        return latent_space.text_diff(
+            self.cascade, image, from_caption, to_caption, thetas, generator=generator,
+            decoder_num_inference_steps=decoder_num_inference_steps,
+            super_res_num_inference_steps=super_res_num_inference_steps, decoder_guidance_scale=decoder_guidance_scale,
+            image_embeddings=image_embeddings, output_type=output_type, return_dict=return_dict, callback=callback,
+            progress=progress, observer=observer)
+
+    def __repr__(self) -> str:
+        name = self.components.source or "components"
+        return (f"Pipeline({name!r}, backend={self.backend!r}, device={str(self.device)!r}, "
+                f"dtype={str(self.dtype).replace('torch.', '')}, stages={self.stage_names}, "
+                f"image_size={self.image_size})")

@@ -1,5 +1,5 @@
 """Random-weight cascades of known shapes: `tiny` (seconds on a CPU), `karlo` (exactly Karlo v1 alpha's
-configs, DESIGN §2) and `dalle2` (the paper's sizes, with a second, 256→1024 upsampler). Plus `toy`, the one
+configs, docs/architecture.md) and `dalle2` (the paper's sizes, with a second, 256→1024 upsampler). Plus `toy`, the one
 preset with trained weights: a small cascade for the shapes world (`unclip.shapes`), loaded from engine/assets/toy.
 
 Configs are written as the `config.json` dicts the reference libraries use, so a preset goes through the
@@ -13,11 +13,27 @@ import os
 import torch
 
 from .config import Config
-from .loading import Components, SchedulerConfig, Upsampler, _model_classes
+from .loading import Components, SchedulerConfig, Upsampler, model_classes
 
 PRESETS = ("tiny", "karlo", "dalle2", "toy")
 # The embedded default: a small cascade trained on the shapes world (unclip.shapes; training/ in the repo).
 TOY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
+# Caption-like English (objects, colours, animals, styles, places) the random-weight presets' tokenizer is
+# learned from, and how many BPE merges it learns: a small vocabulary keeps the tiny preset fast.
+CORPUS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "preset_corpus.txt")
+PRESET_MERGES = 400
+
+
+def preset_corpus() -> list[str]:
+    """The texts of `CORPUS_PATH` (one per line; '#' lines are comments)."""
+    with open(CORPUS_PATH, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#")]
+
+
+def preset_tokenizer():
+    """The random-weight presets' tokenizer: BPE learned from `preset_corpus()` (deterministic)."""
+    from .tokenizer import CLIPTokenizer
+    return CLIPTokenizer.train(preset_corpus(), num_merges=PRESET_MERGES)
 
 
 def _clip_text(vocab_size, width, layers, heads, projection_dim, max_positions=77):
@@ -108,7 +124,7 @@ def preset_configs(name: str) -> dict:
             "text_proj": _text_proj(768, 1536, 1536),
             "decoder": _decoder(64, (320, 640, 960, 1280), 3, 1536, 64),
             "super_res": [_super_res(256, (320, 640, 960, 1280), 3)],
-            "image_encoder": _clip_vision(1024, 24, 16, 768, 224, 14),  # CLIP ViT-L/14 (DESIGN §2)
+            "image_encoder": _clip_vision(1024, 24, 16, 768, 224, 14),  # CLIP ViT-L/14 (docs/architecture.md)
             "feature_extractor": dict(CLIP_VIT_L14_PREPROCESSOR),
         }
     if name == "dalle2":
@@ -131,7 +147,7 @@ def preset_configs(name: str) -> dict:
 _OUTPUT_HEADS = ("conv_out.", "proj_to_clip_embeddings.")
 
 
-def _randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
+def randomize_weights_(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Deterministic, scale-aware random weights (never zeros), drawn on the CPU in state-dict order."""
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -178,9 +194,7 @@ def build_preset(name: str, *, seed: int = 0, device="cpu", dtype: torch.dtype =
 def build_components(configs: dict, *, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
                      label: str = "config") -> Components:
     """A random-weight cascade from config dicts shaped like `preset_configs`' result."""
-    from .tokenizer import DEFAULT_CORPUS, learn_bpe
-
-    classes = _model_classes()
+    classes = model_classes()
     generator = torch.Generator().manual_seed(seed)
 
     def build(kind, cfg_dict, what):
@@ -190,10 +204,10 @@ def build_components(configs: dict, *, seed: int = 0, device="cpu", dtype: torch
             module = cls(config).to(dtype)  # free on meta: later storage is allocated in `dtype` directly
         if device != "meta":
             module = module.to_empty(device=device)
-            _randomize_(module, generator)
+            randomize_weights_(module, generator)
         return module.eval().requires_grad_(False)
 
-    tokenizer = learn_bpe(DEFAULT_CORPUS, num_merges=400)
+    tokenizer = preset_tokenizer()
     text_cfg = dict(configs["text_encoder"])
     if text_cfg["vocab_size"] is None:
         text_cfg["vocab_size"] = tokenizer.vocab_size

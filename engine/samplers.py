@@ -39,10 +39,11 @@ Compatibility with diffusers (used by the tests as a peer; never imported here):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -66,7 +67,7 @@ def betas_for(schedule: str = "squaredcos_cap_v2", num_train_timesteps: int = 10
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    _check_int("num_train_timesteps", num_train_timesteps, 1, None)
+    _check_int("num_train_timesteps", num_train_timesteps, 1, MAX_TRAIN_TIMESTEPS)
     if schedule == "linear":
         for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1):
@@ -88,7 +89,7 @@ def alphas_cumprod_for(betas: torch.Tensor) -> torch.Tensor:
 
 def karlo_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """Karlo's strided timesteps, descending from T-1 to 0 (see the module docstring; N = 1 gives [T-1])."""
-    T = _check_int("num_train_timesteps", num_train_timesteps, 1, None)
+    T = _check_int("num_train_timesteps", num_train_timesteps, 1, MAX_TRAIN_TIMESTEPS)
     N = _check_int("num_inference_steps", num_inference_steps, 1, T)
     if N == 1:
         return [T - 1]
@@ -97,8 +98,13 @@ def karlo_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -
     return [round(k * stride) for k in range(N - 1, -1, -1)]
 
 
+# Schedules are built as Python lists of this length: a bound keeps a corrupt config (10**12) from hanging.
+# Published diffusion models train with 1000 steps; 100x that is still instant to build.
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
 # --------------------------------------------------------------------------------------------------
-# Schedule settings (one per stage; `unclip.loading.SchedulerConfig` reads them from scheduler_config.json)
+# Schedule settings (one per stage, read from a scheduler_config.json by `ScheduleConfig.from_config`)
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ class ScheduleConfig:
     clip_sample_range: float = 1.0
 
     def __post_init__(self):
-        _check_int("num_train_timesteps", self.num_train_timesteps, 1, None)
+        _check_int("num_train_timesteps", self.num_train_timesteps, 1, MAX_TRAIN_TIMESTEPS)
         _check_choice("beta_schedule", self.beta_schedule, SCHEDULES)
         _check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
@@ -138,6 +144,30 @@ class ScheduleConfig:
         return float(self.clip_sample_range) if self.clip_sample else None
 
     @classmethod
+    def from_config(cls, cfg) -> "ScheduleConfig":
+        """From a `unclip.config.Config` of a diffusers `UnCLIPScheduler` scheduler_config.json; every bad
+        value raises ConfigError naming the file and key."""
+        cfg.expect("_class_name", ("UnCLIPScheduler",), default="UnCLIPScheduler")
+        cfg.reject_unknown(_FILE_FIELDS)
+        rng = cfg.get("clip_sample_range", 1.0, types=(int, float))
+        if not rng > 0:
+            raise cfg.error("clip_sample_range", f"= {rng!r} must be > 0")
+        return cls(
+            num_train_timesteps=cfg.get_int("num_train_timesteps", 1000, min_value=1,
+                                            max_value=MAX_TRAIN_TIMESTEPS),
+            beta_schedule=cfg.get("beta_schedule", "squaredcos_cap_v2", choices=("squaredcos_cap_v2", "linear")),
+            variance_type=cfg.get("variance_type", "fixed_small_log", choices=VARIANCE_TYPES),
+            prediction_type=cfg.get("prediction_type", "epsilon", choices=PREDICTION_TYPES),
+            clip_sample=cfg.get("clip_sample", True, types=bool),
+            clip_sample_range=float(rng),
+        )
+
+    def to_dict(self, diffusers_version: str = "0.42.1") -> dict:
+        """The scheduler_config.json diffusers' UnCLIPScheduler reads (beta_start/beta_end are not its keys)."""
+        return {"_class_name": "UnCLIPScheduler", "_diffusers_version": diffusers_version,
+                **{f: getattr(self, f) for f in _FILE_FIELDS}}
+
+    @classmethod
     def of(cls, schedule) -> "ScheduleConfig":
         """A validated ScheduleConfig from any object with these fields (e.g. `unclip.loading.SchedulerConfig`;
         beta_start/beta_end may be absent), or None for the defaults."""
@@ -151,6 +181,8 @@ class ScheduleConfig:
         return cls(**fields)
 
 
+_FILE_FIELDS = ("num_train_timesteps", "beta_schedule", "variance_type", "prediction_type", "clip_sample",
+                "clip_sample_range")
 _REQUIRED_SCHEDULE_FIELDS = ("num_train_timesteps", "beta_schedule", "variance_type", "prediction_type",
                              "clip_sample", "clip_sample_range")
 
@@ -218,6 +250,48 @@ class DDIMPlan:
     noise_std: torch.Tensor
 
     sampler = "ddim"
+
+
+@dataclass(frozen=True, eq=False)
+class DDIMInversePlan:
+    """DDIM (η = 0) run backwards, x0 → x_T: the steps of a `DDIMPlan` in reverse order (step k undoes
+    sampling step N-1-k), with that step's coefficient tensors. No clipping (a clip has no inverse), no noise.
+
+    Sampling step i maps x_t to x_s with ε = ε(x_t, t_i): x_s = √ā_s·(x_t − √(1−ā_t)·ε)/√ā_t + √(1−ā_s)·ε.
+    Its inverse needs ε(x_t), unknown until x_t is; the standard approximation evaluates ε(x_s, t_i), whose
+    error shrinks with the step size: x0 = (x_s − √(1−ā_s)·ε)/√ā_s, then x_t = √ā_t·x0 + √(1−ā_t)·ε.
+    An x0 ("sample") model's output m at (x_s, t_i) stands for ε = (x_s − √ā_t·m)/√(1−ā_t).
+    """
+
+    timesteps: torch.Tensor              # (N,) long: t_i of the sampling step each inverse step undoes
+    timestep_values: list[int]
+    num_steps: int
+    draws_noise: list[bool]              # all False
+    prediction_type: str
+    sqrt_alpha_bar: torch.Tensor         # √ā_t (where the inverse step lands)
+    sqrt_one_minus_alpha_bar: torch.Tensor
+    sqrt_alpha_bar_prev: torch.Tensor    # √ā_s (where it starts)
+    direction_coef: torch.Tensor         # √(1 − ā_s)
+
+    sampler = "ddim_inverse"
+    clip_range = None
+
+
+def make_inverse_plan(schedule=None, num_inference_steps: int | None = None, *,
+                      device: torch.device | str | None = None) -> DDIMInversePlan:
+    """The inverse of `make_plan(schedule, num_inference_steps, sampler="ddim", eta=0)` without clipping."""
+    schedule = dataclasses.replace(ScheduleConfig.of(schedule), clip_sample=False)
+    forward = make_plan(schedule, num_inference_steps, sampler="ddim", eta=0.0, device=device)
+    rev = list(range(forward.num_steps - 1, -1, -1))
+
+    def flip(t: torch.Tensor) -> torch.Tensor:
+        return t.flip(0)
+    return DDIMInversePlan(
+        timesteps=flip(forward.timesteps), timestep_values=[forward.timestep_values[i] for i in rev],
+        num_steps=forward.num_steps, draws_noise=[False] * forward.num_steps,
+        prediction_type=forward.prediction_type, sqrt_alpha_bar=flip(forward.sqrt_alpha_bar),
+        sqrt_one_minus_alpha_bar=flip(forward.sqrt_one_minus_alpha_bar),
+        sqrt_alpha_bar_prev=flip(forward.sqrt_alpha_bar_prev), direction_coef=flip(forward.direction_coef))
 
 
 def make_plan(schedule=None, num_inference_steps: int | None = None, *, sampler: str = "ddpm",
@@ -346,24 +420,29 @@ def ddim_step(plan: DDIMPlan, i: int | torch.Tensor, sample: torch.Tensor, model
     return prev + _at(plan.noise_std, i) * noise
 
 
-def step(plan: DDPMPlan | DDIMPlan, i: int | torch.Tensor, sample: torch.Tensor, model_output: torch.Tensor,
+def ddim_inverse_step(plan: DDIMInversePlan, k: int | torch.Tensor, sample: torch.Tensor,
+                      model_output: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One inverse DDIM step x_s -> x_t (see `DDIMInversePlan`); `noise` is ignored (there is none)."""
+    eps, _ = _split_channels(model_output, sample, False)
+    if plan.prediction_type == "sample":
+        eps = (sample - _at(plan.sqrt_alpha_bar, k) * eps) / _at(plan.sqrt_one_minus_alpha_bar, k)
+    x0 = (sample - _at(plan.direction_coef, k) * eps) / _at(plan.sqrt_alpha_bar_prev, k)
+    return _at(plan.sqrt_alpha_bar, k) * x0 + _at(plan.sqrt_one_minus_alpha_bar, k) * eps
+
+
+Plan = DDPMPlan | DDIMPlan | DDIMInversePlan
+
+
+def step(plan: Plan, i: int | torch.Tensor, sample: torch.Tensor, model_output: torch.Tensor,
          noise: torch.Tensor | None = None) -> torch.Tensor:
-    """`ddpm_step` or `ddim_step`, by the plan's type. Returns the sample at the next (smaller) timestep."""
+    """`ddpm_step`, `ddim_step` or `ddim_inverse_step`, by the plan's type: the sample after step i."""
     if isinstance(plan, DDPMPlan):
         return ddpm_step(plan, i, sample, model_output, noise)
     if isinstance(plan, DDIMPlan):
         return ddim_step(plan, i, sample, model_output, noise)
-    raise TypeError(f"plan must be a DDPMPlan or DDIMPlan (from make_plan), got {type(plan).__name__}")
-
-
-def sample_loop(plan: DDPMPlan | DDIMPlan, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                sample: torch.Tensor, noise: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """The plain loop: for each step, model_output = denoise(x, t) with t a 0-dim long tensor, then `step`."""
-    if len(noise) != plan.num_steps:
-        raise ValueError(f"noise must hold one entry per step ({plan.num_steps}), got {len(noise)}")
-    for i in range(plan.num_steps):
-        sample = step(plan, i, sample, denoise(sample, plan.timesteps[i]), noise[i])
-    return sample
+    if isinstance(plan, DDIMInversePlan):
+        return ddim_inverse_step(plan, i, sample, model_output)
+    raise TypeError(f"plan must come from make_plan or make_inverse_plan, got {type(plan).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,14 +6,15 @@ module it is loaded into is listed in one error, so a user sees the whole proble
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from typing import Iterable
 
 import torch
 from torch import nn
+
+from .config import ConfigError, read_json
+from .files import atomic_write_json, atomic_write_with
 
 # Base names used by diffusers ("diffusion_pytorch_model") and transformers ("model", "pytorch_model").
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
@@ -44,14 +45,20 @@ def find_weight_files(folder: str) -> list[str]:
 
 def _shards_from_index(index_path: str) -> list[str]:
     try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"{index_path}: unreadable shard index ({e})") from None
+        index = read_json(index_path)
+    except ConfigError as e:
+        raise WeightsError(f"unreadable shard index: {e}") from None
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsError(f"{index_path}: key 'weight_map' = {_brief(weight_map)} must be a non-empty object "
+                           "mapping tensor names to shard file names")
     folder = os.path.dirname(index_path)
     shards = []
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise WeightsError(f"{index_path}: weight_map[{tensor!r}] = {_brief(name)} must be a shard file name")
     for name in dict.fromkeys(weight_map.values()):  # unique, in order
-        if os.path.basename(name) != name:
+        if os.path.basename(name) != name or name in (".", ".."):
             raise WeightsError(f"{index_path}: shard name {name!r} must be a plain file name")
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
@@ -60,15 +67,29 @@ def _shards_from_index(index_path: str) -> list[str]:
     return shards
 
 
-def read_state_dict(folder: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of one model folder, as stored (dtype unchanged)."""
-    state: dict[str, torch.Tensor] = {}
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class StateDict(dict):
+    """Tensors by name, plus `origin`: the file each tensor was read from (for errors naming the file)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.origin: dict[str, str] = {}
+
+
+def read_state_dict(folder: str, device: str | torch.device = "cpu") -> StateDict:
+    """All tensors of one model folder, as stored (dtype unchanged), with the file of each in `.origin`."""
+    state = StateDict()
     for path in find_weight_files(folder):
         part = _read_file(path, device)
         overlap = state.keys() & part.keys()
         if overlap:
             raise WeightsError(f"{path}: tensors also present in another shard: {sorted(overlap)[:5]}")
         state.update(part)
+        state.origin.update(dict.fromkeys(part, path))
     return state
 
 
@@ -94,9 +115,12 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, *,
     """Load `state` into `module` strictly, listing every missing, unexpected and mis-shaped tensor.
 
     `ignore_unexpected` holds regexes for stored tensors that carry no information we use (e.g. the
-    `position_ids` buffer older transformers versions saved). Floating tensors are cast to `dtype`.
-    The module may live on the meta device: tensors are then assigned, not copied.
+    `position_ids` buffer older transformers versions saved). Floating tensors are cast to `dtype`; a stored
+    tensor of another kind than the module's (an integer or bool tensor where a float is expected, or the
+    reverse) is an error naming the tensor and its file. The module may live on the meta device: tensors are
+    then assigned, not copied.
     """
+    origin = getattr(state, "origin", {})
     patterns = [re.compile(p) for p in ignore_unexpected]
     state = {k: v for k, v in state.items() if not any(p.search(k) for p in patterns)}
     expected = module.state_dict()
@@ -111,6 +135,16 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, *,
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
         raise WeightsError("\n".join(lines))
+    wrong_kind: dict[str, list[str]] = {}
+    for k in sorted(expected.keys() & state.keys()):
+        if _kind(state[k].dtype) != _kind(expected[k].dtype):
+            wrong_kind.setdefault(origin.get(k, source), []).append(
+                f"{k} is {_name(state[k].dtype)}, the model's is {_name(expected[k].dtype)}")
+    if wrong_kind:
+        count = sum(map(len, wrong_kind.values()))
+        parts = [f"{path}: " + ", ".join(items[:5]) + (f" ... and {len(items) - 5} more" if len(items) > 5 else "")
+                 for path, items in wrong_kind.items()]
+        raise WeightsError(f"{source}: {count} tensor(s) of the wrong dtype: " + "; ".join(parts))
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         if dtype is not None and t.is_floating_point():
@@ -122,12 +156,23 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, *,
     return module
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if dtype == torch.bool else "integer"
+
+
 def save_state_dict(module: nn.Module, folder: str, filename: str = "diffusion_pytorch_model.safetensors",
                     dtype: torch.dtype | None = None) -> str:
-    """Write `module`'s tensors as one safetensors file, atomically (temp file, then rename)."""
+    """Write `module`'s tensors as one safetensors file, atomically (unclip.files)."""
     from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
     tensors = {}
     for k, v in module.state_dict().items():
         v = v.detach()
@@ -135,29 +180,10 @@ def save_state_dict(module: nn.Module, folder: str, filename: str = "diffusion_p
             v = v.to(dtype)
         tensors[k] = v.to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
     path = os.path.join(folder, filename)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return path
 
 
 def write_json(path: str, data: dict) -> None:
     """Write JSON atomically, in the indented, key-sorted form diffusers uses."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_json(path, data)

@@ -1,8 +1,9 @@
-"""Build a `Components` whose networks run exported graphs (backends "onnxruntime" and "tensorrt").
+"""Build a `Components` whose networks run exported graphs, for the runners that execute ONNX graphs
+(engine/runners/onnxruntime.py, engine/runners/tensorrt.py).
 
-`Pipeline.from_pretrained(OUT, backend=...)` lands here: an export folder (with `manifest.json`) is loaded
-as is; a diffusers-layout folder, or torch `Components` given to `Pipeline(...)`, is first exported to a
-temporary folder (slow for large models: export once with `unclip export` instead).
+An export folder (with `manifest.json`) is loaded as is; a diffusers-layout folder, or torch `Components`,
+is first exported to a temporary folder (slow for large models: export once with `unclip export` instead).
+Which runtime executes the graphs is the runner's business: it hands `load_exported` a factory of executors.
 """
 from __future__ import annotations
 
@@ -13,48 +14,37 @@ import tempfile
 import torch
 
 from ..config import Config, ConfigError
-from ..loading import CALL_DEFAULTS_ENTRY, Components, SchedulerConfig, Upsampler, _model_classes, read_call_defaults
-from .networks import BACKEND_NAMES, GRAPH_CLASSES, GraphNetwork, networks_of
+from ..loading import CALL_DEFAULTS_ENTRY, Components, SchedulerConfig, Upsampler, model_classes, read_call_defaults
+from .networks import GRAPH_CLASSES, GraphNetwork
 from .onnx import CLIP_STATS_FILE, MANIFEST, export_onnx, read_manifest, resolve_dtype, verify_files
 
 _log = logging.getLogger(__name__)
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}; got {backend!r}")
+def _graph_runner(backend):
+    """The runner class of `backend`, which must be one that executes exported graphs."""
+    from ..runner import runner_class
+    cls = runner_class(backend)
+    if not hasattr(cls, "graph_executors"):
+        raise ValueError(f"backend {cls.name!r} does not run exported ONNX graphs")
+    return cls
 
 
-def load_exported(root: str, *, backend: str = "onnxruntime", device="cpu", providers: list[str] | None = None,
-                  threads: int | None = None, verify_hashes: bool = False, tensorrt_options: dict | None = None
-                  ) -> Components:
-    """Load an export folder written by `export_onnx` / `unclip export`.
-
-    backend "onnxruntime": one InferenceSession per graph (`providers`, `threads` pass through).
-    backend "tensorrt": one engine per graph, built on first use and cached (see `unclip.export.tensorrt`;
-    `tensorrt_options` pass through to `engine_executors`). Files are checked against the manifest's sizes
-    (and sha256 with `verify_hashes`)."""
-    _check_backend(backend)
+def load_exported(root: str, *, backend: str = "onnxruntime", device="cpu", verify: bool | None = None,
+                  **executor_options) -> Components:
+    """Load an export folder written by `export_onnx` / `unclip export`, its graphs run by `backend`'s
+    executors (`executor_options` pass through to the runner's `graph_executors`, e.g. onnxruntime's
+    `providers` / `threads`, tensorrt's `cache_dir`). Every file is checked against the manifest's size and
+    sha256 (`verify=False`, or UNCLIP_VERIFY_EXPORTS=0, skips the hashing; see `verify_files`)."""
+    runner = _graph_runner(backend)
     root = os.path.abspath(os.fspath(root))
     device = torch.device(device)
     manifest = read_manifest(root)
-    verify_files(root, manifest, hashes=verify_hashes)
+    verify_files(root, manifest, hashes=verify)
     source = os.path.join(root, MANIFEST)
-    classes = _model_classes()
+    classes = model_classes()
     nets = manifest["networks"]
-
-    if backend == "onnxruntime":
-        from .onnxruntime import OrtExecutor
-
-        def executor(name):
-            return OrtExecutor(os.path.join(root, *nets[name]["graph"].split("/")), device, providers=providers,
-                               threads=threads)
-    else:
-        from .tensorrt import engine_executors
-        executors = engine_executors(root, manifest, device=device, **(tensorrt_options or {}))
-
-        def executor(name):
-            return executors[name]
+    executor = runner.graph_executors(root, manifest, device=device, **executor_options)
 
     built = {}
 
@@ -72,7 +62,8 @@ def load_exported(root: str, *, backend: str = "onnxruntime", device="cpu", prov
                 from safetensors.torch import load_file
                 stats = load_file(os.path.join(root, name, CLIP_STATS_FILE))
                 extra = {"clip_mean": stats["clip_mean"], "clip_std": stats["clip_std"]}
-            built[name] = GRAPH_CLASSES[kind](name, config, executor(name), backend=backend, device=device, **extra)
+            built[name] = GRAPH_CLASSES[kind](name, config, executor(name), backend=runner.name, device=device,
+                                              **extra)
         return built[name]
 
     def scheduler(key, data):
@@ -101,11 +92,12 @@ def load_exported(root: str, *, backend: str = "onnxruntime", device="cpu", prov
     )
 
 
-def prepare_components(components: Components, backend: str, *, device="cpu", dtype=torch.float32) -> Components:
+def prepare_components(components: Components, backend: str, *, device="cpu", dtype=torch.float32,
+                       **executor_options) -> Components:
     """Components for `backend`: graph-backed ones pass through (after checking they belong to `backend`);
     torch ones are exported to a temporary folder in `dtype` and loaded from there."""
-    _check_backend(backend)
-    nets = networks_of(components)
+    backend = _graph_runner(backend).name
+    nets = components.networks()
     graph = {k: isinstance(v, GraphNetwork) for k, v in nets.items()}
     if all(graph.values()):
         wrong = sorted({v.backend for v in nets.values()} - {backend})
@@ -123,14 +115,13 @@ def prepare_components(components: Components, backend: str, *, device="cpu", dt
                  backend)
     tmp = tempfile.TemporaryDirectory(prefix="unclip-export-")
     out = export_onnx(components, os.path.join(tmp.name, "export"), dtype=name)
-    loaded = load_exported(out, backend=backend, device=device)
-    loaded._export_dir = tmp  # the graphs' files live as long as the components (removed when collected)
+    loaded = load_exported(out, backend=backend, device=device, **executor_options)
+    loaded.export_dir = tmp  # the graphs' files live as long as the components (removed when collected)
     return loaded
 
 
 def load_for_backend(path: str, backend: str, *, device="cpu", dtype=torch.float32) -> Components:
-    """`Pipeline.from_pretrained` for graph backends: an export folder, or a diffusers folder exported now."""
-    _check_backend(backend)
+    """A graph runner's `load`: an export folder, or a diffusers folder exported now."""
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, MANIFEST)):
         return load_exported(path, backend=backend, device=device)

@@ -1,8 +1,9 @@
 """Graph-backed stand-ins for the cascade's torch networks.
 
 Each class here is called exactly like the torch module it replaces (same arguments, same return values,
-same `.config` dataclass), so `Pipeline.__call__`, `sampling.run_loop` and the samplers run unchanged - and
-therefore stay seed-compatible - whichever runtime executes the graphs. The runtime is an *executor*:
+same `.config` dataclass), so the cascade core, the one sampling loop and the samplers run unchanged - and
+therefore stay seed-compatible - whichever runtime executes the graphs. They are not torch modules and do
+not pretend to be: the weights live in the runtime. The runtime is an *executor*:
 
     executor.inputs: dict[name, torch.dtype]   the graph's declared inputs and their dtypes
     executor.run(feeds: dict[name, Tensor]) -> dict[name, Tensor]   outputs on the pipeline's device
@@ -13,9 +14,6 @@ to the declared dtype, so a float32 pipeline can drive float16 graphs.
 from __future__ import annotations
 
 import torch
-
-BACKEND_NAMES = ("onnxruntime", "tensorrt")
-
 
 def _check_tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
@@ -75,19 +73,6 @@ class GraphNetwork:
             raise ValueError(f"{self.name}: the graph needs input(s) {missing}")
         return self.executor.run({n: feeds[n] for n in self.executor.inputs})
 
-    # What code written for nn.Module asks of a network (the weights live in the runtime, not in torch).
-    def eval(self):
-        return self
-
-    def requires_grad_(self, requires_grad: bool = True):
-        return self
-
-    def parameters(self):
-        return iter(())
-
-    def buffers(self):
-        return iter(())
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, backend={self.backend!r}, dtype={self.dtype})"
 
@@ -109,13 +94,6 @@ class TextEncoderGraph(GraphNetwork):
 
 class ImageEncoderGraph(GraphNetwork):
     kind = "image_encoder"
-
-    @property
-    def visual_projection(self):
-        """Callers read `visual_projection.weight` for the encoder's device and dtype; an empty tensor
-        carrying the graph's says the same."""
-        from types import SimpleNamespace
-        return SimpleNamespace(weight=torch.empty(0, dtype=self.dtype, device=self.device))
 
     def __call__(self, pixel_values: torch.Tensor):
         """pixel_values (B, C, S, S), CLIP-normalised -> (image_embeds, last_hidden_state)."""
@@ -212,14 +190,3 @@ class SuperResGraph(GraphNetwork):
 GRAPH_CLASSES = {cls.kind: cls for cls in (TextEncoderGraph, ImageEncoderGraph, PriorGraph, TextProjGraph,
                                              DecoderGraph, SuperResGraph)}
 
-
-def networks_of(components) -> dict:
-    """{name: network} for every network slot of a Components (None entries skipped)."""
-    out = {}
-    for name in ("text_encoder", "image_encoder", "prior", "text_proj", "decoder"):
-        if getattr(components, name) is not None:
-            out[name] = getattr(components, name)
-    for up in components.upsamplers:
-        out[f"{up.name}.first"] = up.first
-        out[f"{up.name}.last"] = up.last
-    return out

@@ -2,8 +2,9 @@
 
 Layout of the output folder (`OUT`):
 
-    manifest.json                      formats, versions, configs, schedulers, file hashes, graph I/O
-    tokenizer/                         vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+    manifest.json                      formats, versions, configs, schedulers, file hashes, graph I/O, and
+                                       the manifest's own checksum
+    tokenizer/                         tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, ...
     text_encoder/model.onnx            (+ model.onnx.data: the weights, as ONNX external data)
     image_encoder/model.onnx           only for image-variation cascades
     prior/model.onnx, prior/clip_stats.safetensors   (the un-normalisation the sampler applies afterwards)
@@ -28,9 +29,13 @@ set to the dtype's lowest finite value (no -inf, so fully masked rows stay finit
 group norms are computed in float32 and cast back (as PyTorch's kernels accumulate) - see
 `_export_friendly`. Every op is checked against the ONNX-TensorRT operator matrix (`TENSORRT_OPS`).
 
-Writing is atomic: everything goes to a temporary sibling folder that is renamed to `OUT` only after the
-last file is written and checked, so an unsupported config, a full disk or an interruption (Ctrl-C)
-leaves no half-written `OUT` (and an existing export is replaced only on success).
+Writing is atomic: everything goes to a temporary sibling folder that replaces `OUT` only after the last
+file is written and checked (unclip.files.replace_dir), so an unsupported config, a full disk or an
+interruption (Ctrl-C) leaves no half-written `OUT`, and an existing export is replaced only on success.
+
+Reading verifies: `read_manifest` checks the manifest's checksum and every key it holds, `verify_files`
+the size and sha256 of every file it lists (opt out of the hashing with `verify=False` or
+UNCLIP_VERIFY_EXPORTS=0), so a flipped byte in a graph, its weights or the manifest is refused, not run.
 """
 from __future__ import annotations
 
@@ -39,8 +44,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -49,14 +52,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError
-from ..loading import Components, _model_classes
+from ..config import ConfigError, read_json
+from ..files import atomic_write_with, discard_dir, make_staging_dir, replace_dir
+from ..loading import Components, model_classes
 from ..models.layers import Attend, GroupNorm
 from ..weights import write_json
 
 FORMAT = "unclip-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum (CHECKSUM_KEY)
 MANIFEST = "manifest.json"
+CHECKSUM_KEY = "manifest_sha256"
+VERIFY_ENV = "UNCLIP_VERIFY_EXPORTS"  # "0": skip hashing the files at load (sizes are still checked)
+VERIFY_PROGRESS_BYTES = 1 << 30  # show a progress bar when verifying more than this
 GRAPH_FILE = "model.onnx"
 CLIP_STATS_FILE = "clip_stats.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -88,9 +95,13 @@ class ExportError(RuntimeError):
 
 def attention_for_export(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                          key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """`attention_reference` as plain MatMul/Softmax/MatMul, the pattern TensorRT fuses into its attention
-    kernels. Masked logits get the lowest finite value instead of -inf: a row with no visible key then
-    becomes a uniform average instead of NaN (PyTorch returns 0 there; such rows are never read)."""
+    """`unclip.models.layers.attention_reference` (same semantics, including zeros for a query row that sees
+    no key) as plain MatMul/Softmax/MatMul, the pattern TensorRT fuses into its attention kernels.
+
+    Masked logits get the lowest finite value instead of -inf, so the softmax stays finite (a row with no
+    visible key would average all values); with a padding mask the output is then multiplied by "row sees
+    any key" (ReduceMax of the visibility, 0 or 1), after the second MatMul so the fusable pattern stays
+    intact. Causal attention without padding needs no such factor: every row sees key 0."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.matmul(q * scale, k.transpose(-1, -2))
     visible = None
@@ -102,7 +113,10 @@ def attention_for_export(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
         visible = tri if visible is None else visible & tri
     if visible is not None:
         logits = logits.masked_fill(~visible, torch.finfo(logits.dtype).min)
-    return torch.matmul(torch.softmax(logits, dim=-1), v)
+    out = torch.matmul(torch.softmax(logits, dim=-1), v)
+    if key_padding_mask is not None:
+        out = out * visible.to(out.dtype).amax(dim=-1, keepdim=True)
+    return out
 
 
 def group_norm_for_export(x, num_groups, weight, bias, eps, *, silu=False, scale=None, shift=None):
@@ -137,6 +151,9 @@ def _export_friendly(module: nn.Module):
     finally:
         for m, impl in saved:
             m.impl = impl
+
+
+export_friendly = _export_friendly  # public name: the native export (export/native.py) compiles the same forms
 
 
 # ------------------------------------------------------------------------------------ per-network adapters
@@ -313,14 +330,19 @@ def graph_specs(c: Components, dtype: torch.dtype) -> list[GraphSpec]:
 
 # ------------------------------------------------------------------------------------------ file helpers
 
-def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+def sha256_file(path: str, chunk: int = 1 << 24, progress: Callable[[int], object] | None = None) -> str:
+    """Hex sha256 of a file, streamed in `chunk`-byte blocks (`progress(n)` after each)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    block = bytearray(chunk)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
         while True:
-            block = f.read(chunk)
-            if not block:
+            n = f.readinto(view)
+            if not n:
                 return h.hexdigest()
-            h.update(block)
+            h.update(view[:n])
+            if progress is not None:
+                progress(n)
 
 
 def _file_entries(root: str, folder: str) -> dict:
@@ -416,19 +438,17 @@ def _export_graph(spec: GraphSpec, folder: str, opset: int) -> dict:
 
 def _save_clip_stats(prior, folder: str) -> None:
     from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    save_file({"clip_mean": prior.clip_mean.detach().cpu().contiguous().clone(),
-               "clip_std": prior.clip_std.detach().cpu().contiguous().clone()},
-              os.path.join(folder, CLIP_STATS_FILE))
+    stats = {"clip_mean": prior.clip_mean.detach().cpu().contiguous().clone(),
+             "clip_std": prior.clip_std.detach().cpu().contiguous().clone()}
+    # Through unclip.files: safetensors alone would create the file private (0600), whatever the umask.
+    atomic_write_with(os.path.join(folder, CLIP_STATS_FILE), lambda tmp: save_file(stats, tmp))
 
 
 def _check_dtype(c: Components, dtype: torch.dtype) -> None:
-    nets = {name: getattr(c, name) for name in ("text_encoder", "image_encoder", "prior", "text_proj", "decoder")}
-    nets.update({f"upsamplers[{i}].{w}": getattr(up, w) for i, up in enumerate(c.upsamplers) for w in ("first", "last")})
-    for name, m in nets.items():
+    for name, m in c.networks().items():
         if m is not None:
-            first = next(iter(m.parameters()), None)
-            if not isinstance(m, nn.Module) or first is None:
+            first = next(iter(m.parameters()), None) if isinstance(m, nn.Module) else None
+            if first is None:
                 raise TypeError(f"components.{name} is not a torch module with weights ({type(m).__name__}); "
                                 "export needs the torch components")
             got = first.dtype
@@ -496,7 +516,7 @@ def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, o
 
     tmp = staging_dir(out)
     try:
-        classes = _model_classes()
+        classes = model_classes()
         networks = {}
         for spec in specs:
             say(f"exporting {spec.name} ...")
@@ -541,51 +561,41 @@ def export_onnx(source, out: str, *, dtype="fp32", opset: int = DEFAULT_OPSET, o
             "tensorrt_op_check": {"reference": "ONNX-TensorRT operator matrix, TensorRT 10.15",
                                   "unsupported": unsupported},
         }
+        manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
         write_json(os.path.join(tmp, MANIFEST), manifest)
-        publish(tmp, out)
+        publish(tmp, out, overwrite=overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_dir(tmp)
         raise
     say(f"wrote {out}")
     return out
 
 
 def staging_dir(out: str) -> str:
-    """A new empty sibling folder of `out` to write into before `publish` (created like any folder, with the
-    umask's permissions, unlike tempfile.mkdtemp's private 0700)."""
-    import secrets
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    while True:
-        path = os.path.join(parent, f".{os.path.basename(out)}.tmp-{secrets.token_hex(6)}")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
+    """A new empty sibling folder of `out` to write into before `publish` (with the umask's permissions)."""
+    return make_staging_dir(out)
 
 
-def publish(tmp: str, out: str) -> None:
-    """Rename the finished temporary folder to `out`, replacing an older export only now."""
-    parent = os.path.dirname(out)
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.old-")
-        os.rmdir(old)
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old, out)  # put the previous export back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def publish(tmp: str, out: str, *, overwrite: bool = True) -> None:
+    """Put the finished folder `tmp` at `out` (unclip.files.replace_dir: atomic, and on any failure or
+    Ctrl-C the previous export stays or is put back). Refuses, like `prepare_out`, to replace a folder that
+    is not an export (or an export without `overwrite`); `tmp` is then left for the caller to discard."""
+    prepare_out(out, overwrite)
+    replace_dir(tmp, out)
 
 
 # ----------------------------------------------------------------------------------------------- reading
 
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), without its own checksum key."""
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_manifest(root: str) -> dict:
-    """The validated manifest of an export folder (ConfigError if `root` is not one this version reads)."""
+    """The validated manifest of an export folder. ConfigError naming the key for anything this version
+    cannot read: not an export, another format version, a checksum that does not match (an edited or
+    corrupted manifest), or any key missing or of the wrong type (never a KeyError or TypeError later)."""
     root = os.fspath(root)
     path = os.path.join(root, MANIFEST)
     if not os.path.isdir(root):
@@ -593,25 +603,165 @@ def read_manifest(root: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"{root}: not an ONNX export (no {MANIFEST}); create one with "
                           f"`unclip export --model DIR --format onnx --out {root}`")
-    cfg = Config.from_file(path)
-    cfg.expect("format", (FORMAT,))
-    version = cfg.get("format_version", types=int)
+    data = read_json(path)
+    m = _Manifest(data, path)
+    m.value(data, "format", str, choices=(FORMAT,))
+    version = m.value(data, "format_version", int)
     if version != FORMAT_VERSION:
-        raise cfg.error("format_version", f"= {version} is not supported (this version reads {FORMAT_VERSION})")
-    cfg.get("dtype", types=str, choices=tuple(DTYPES))
-    networks = cfg.get("networks", types=dict)
+        raise m.error("format_version", f"= {version} is not supported (this version reads {FORMAT_VERSION}); "
+                                        "export the model again")
+    stored = m.value(data, CHECKSUM_KEY, str)
+    if stored != manifest_checksum(data):
+        raise ConfigError(f"{path}: the manifest does not match its checksum (key '{CHECKSUM_KEY}'): it was "
+                          "edited or corrupted after export; export the model again")
+    m.value(data, "dtype", str, choices=tuple(DTYPES))
+    m.value(data, "opset", int)
+    batch = m.value(data, "batch_axis", dict)
+    m.value(batch, "name", str, where="batch_axis.name")
+    for key in ("min", "max"):
+        m.value(batch, key, int, where=f"batch_axis.{key}")
+
+    networks = m.value(data, "networks", dict)
     for required in ("text_encoder", "text_proj", "decoder"):
         if required not in networks:
-            raise cfg.error("networks", f"has no '{required}' graph")
-    cfg.get("upsamplers", types=list)
-    return cfg.data
+            raise m.error("networks", f"has no '{required}' graph")
+    kinds = tuple(model_classes())
+    for name, net in networks.items():
+        where = f"networks.{name}"
+        if not isinstance(net, dict):
+            raise m.error(where, f"must be an object, got {type(net).__name__}")
+        m.value(net, "kind", str, where=f"{where}.kind", choices=kinds)
+        m.value(net, "class", str, where=f"{where}.class")
+        m.value(net, "config", dict, where=f"{where}.config")
+        files = m.files(net, f"{where}.files", prefix=f"{name}/")
+        graph = m.value(net, "graph", str, where=f"{where}.graph")
+        if graph not in files:
+            raise m.error(f"{where}.graph", f"= {graph!r} is not one of the files listed in {where}.files")
+        for io_key in ("inputs", "outputs"):
+            for i, io in enumerate(m.value(net, io_key, list, where=f"{where}.{io_key}")):
+                io_where = f"{where}.{io_key}[{i}]"
+                if not isinstance(io, dict):
+                    raise m.error(io_where, "must be an object")
+                m.value(io, "name", str, where=f"{io_where}.name")
+                m.value(io, "dtype", str, where=f"{io_where}.dtype")
+                shape = m.value(io, "shape", list, where=f"{io_where}.shape")
+                if not shape or not isinstance(shape[0], str) or not all(
+                        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape[1:]):
+                    raise m.error(f"{io_where}.shape", f"= {shape!r} must be a named batch axis, then sizes")
+        for key in ("ops", "custom_domains", "tensorrt_unsupported_ops"):
+            m.strings(net, key, where=f"{where}.{key}")
+        if m.value(net, "graph_sha256", str, where=f"{where}.graph_sha256") != graph_hash(files):
+            raise m.error(f"{where}.graph_sha256", f"does not match the hashes of {where}.files")
+
+    tokenizer = m.value(data, "tokenizer", dict)
+    folder = m.value(tokenizer, "folder", str, where="tokenizer.folder")
+    if not _plain_name(folder):
+        raise m.error("tokenizer.folder", f"= {folder!r} must be a plain folder name inside the export")
+    m.value(tokenizer, "model_max_length", int, where="tokenizer.model_max_length")
+    m.files(tokenizer, "tokenizer.files", prefix=f"{folder}/")
+
+    schedulers = m.value(data, "schedulers", dict)
+    m.value(schedulers, "decoder", dict, where="schedulers.decoder")
+    if "prior" in networks:
+        m.value(schedulers, "prior", dict, where="schedulers.prior")
+    upsamplers = m.value(data, "upsamplers", list)
+    if not upsamplers:
+        raise m.error("upsamplers", "is empty (the cascade needs at least one)")
+    for i, up in enumerate(upsamplers):
+        where = f"upsamplers[{i}]"
+        if not isinstance(up, dict):
+            raise m.error(where, "must be an object")
+        m.value(up, "name", str, where=f"{where}.name")
+        for key in ("first", "last"):
+            net = m.value(up, key, str, where=f"{where}.{key}")
+            if networks.get(net, {}).get("kind") != "super_res":
+                raise m.error(f"{where}.{key}", f"= {net!r} is not a super_res graph of 'networks'")
+        m.value(up, "scheduler", dict, where=f"{where}.scheduler")
+    m.value(data, "image_processor_config", (dict, type(None)), optional=True)
+    m.value(data, "call_defaults", dict, optional=True)
+    check = m.value(data, "tensorrt_op_check", dict, optional=True)
+    if check is not None:
+        unsupported = m.value(check, "unsupported", dict, where="tensorrt_op_check.unsupported", optional=True)
+        for name, ops in (unsupported or {}).items():
+            if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
+                raise m.error(f"tensorrt_op_check.unsupported.{name}", "must be a list of op names")
+    m.value(data, "versions", dict, optional=True)
+    return data
 
 
-def verify_files(root: str, manifest: dict, *, hashes: bool = False) -> None:
-    """Every file the manifest lists exists with its recorded size (and sha256 when `hashes`)."""
+class _Manifest:
+    """Typed access to manifest keys, every failure a ConfigError naming the file and the key."""
+
+    def __init__(self, data: dict, path: str):
+        self.data, self.path = data, path
+
+    def error(self, where: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: key '{where}' {message}")
+
+    def value(self, obj: dict, key: str, types, *, where: str | None = None, choices=None, optional=False):
+        where = where or key
+        if key not in obj:
+            if optional:
+                return None
+            raise self.error(where, "is required but missing (the export is damaged; export again)")
+        value = obj[key]
+        ok = isinstance(value, types) and not (isinstance(value, bool) and types in (int, (int, float)))
+        if not ok:
+            names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+            raise self.error(where, f"has type {type(value).__name__}, expected {names}")
+        if choices is not None and value not in choices:
+            raise self.error(where, f"= {value!r} is not supported (supported: {', '.join(map(repr, choices))})")
+        return value
+
+    def strings(self, obj: dict, key: str, *, where: str) -> list:
+        values = self.value(obj, key, list, where=where)
+        if not all(isinstance(v, str) for v in values):
+            raise self.error(where, "must be a list of strings")
+        return values
+
+    def files(self, obj: dict, where: str, *, prefix: str) -> dict:
+        """A {relative path: {sha256, bytes}} table; each path must stay inside its own folder."""
+        files = self.value(obj, "files", dict, where=where)
+        if not files:
+            raise self.error(where, "lists no files")
+        for rel, meta in files.items():
+            parts = rel.split("/")
+            if (not rel.startswith(prefix) or "\\" in rel or any(p in ("", ".", "..") for p in parts)
+                    or os.path.isabs(rel)):
+                raise self.error(f"{where}.{rel}", f"is not a path inside {prefix!r}")
+            if not isinstance(meta, dict):
+                raise self.error(f"{where}.{rel}", "must be an object with 'sha256' and 'bytes'")
+            digest = self.value(meta, "sha256", str, where=f"{where}.{rel}.sha256")
+            if len(digest) != 64 or digest.strip("0123456789abcdef"):
+                raise self.error(f"{where}.{rel}.sha256", f"= {digest[:80]!r} is not a sha256 hex digest")
+            size = self.value(meta, "bytes", int, where=f"{where}.{rel}.bytes")
+            if size < 0:
+                raise self.error(f"{where}.{rel}.bytes", f"= {size} must be >= 0")
+        return files
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
+def verification_enabled(verify: bool | None = None) -> bool:
+    """Whether loading hashes every file: `verify` when given, else the environment variable
+    UNCLIP_VERIFY_EXPORTS (on unless set to 0, false, no or off)."""
+    if verify is not None:
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be True, False or None, got {verify!r}")
+        return verify
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def verify_files(root: str, manifest: dict, *, hashes: bool | None = None) -> None:
+    """Every file `manifest` (from `read_manifest`) lists exists with its recorded size and, when `hashes`
+    (default: `verification_enabled()`), its recorded sha256, read in 16 MiB blocks. ConfigError names the
+    first file that differs. Costs about one read of the export (see README, "Loading and files")."""
     entries = dict(manifest["tokenizer"]["files"])
     for net in manifest["networks"].values():
         entries.update(net["files"])
+    paths = {}
     for rel, meta in entries.items():
         path = os.path.join(root, *rel.split("/"))
         if not os.path.isfile(path):
@@ -619,8 +769,17 @@ def verify_files(root: str, manifest: dict, *, hashes: bool = False) -> None:
         if os.path.getsize(path) != meta["bytes"]:
             raise ConfigError(f"{root}: {rel} has {os.path.getsize(path)} bytes, the manifest says {meta['bytes']} "
                               "(corrupt or modified; export again)")
-        if hashes and sha256_file(path) != meta["sha256"]:
-            raise ConfigError(f"{root}: {rel} does not match its sha256 in {MANIFEST} (corrupt or modified)")
+        paths[rel] = path
+    if not verification_enabled(hashes):
+        return
+    from tqdm.auto import tqdm
+    total = sum(meta["bytes"] for meta in entries.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying export", leave=False,
+              disable=total < VERIFY_PROGRESS_BYTES) as bar:
+        for rel, path in paths.items():
+            if sha256_file(path, progress=bar.update) != entries[rel]["sha256"]:
+                raise ConfigError(f"{root}: {rel} does not match its sha256 in {MANIFEST} (corrupt or modified "
+                                  f"after export; export again, or set {VERIFY_ENV}=0 to skip this check)")
 
 
 def manifest_summary(manifest: dict) -> str:

@@ -19,8 +19,8 @@ Build, per graph (`ensure_engines`):
 Run (`TrtExecutor`): inputs and outputs are torch CUDA tensors whose memory is bound to the engine
 (`set_tensor_address`), enqueued on torch's current stream; one execution context per distinct set of input
 shapes. Two levels of CUDA graphs:
-* Per stage: `Pipeline(backend="tensorrt")` on CUDA captures each stage's whole sampling loop (engine
-  enqueues, CFG, sampler arithmetic, noise) with the `fast` backend's `StageGraphs` (`stage_graphs` below).
+* Per stage: the tensorrt runner (engine/runners/tensorrt.py) on CUDA captures each stage's whole sampling
+  loop (engine enqueues, CFG, sampler arithmetic, noise) with the capture strategy of engine/graphs.py.
   The loop's eager warm-up run sets every context's shapes and enqueues it once, as TensorRT requires
   before a capture; inside the capture the executor enqueues straight into the capturing stream.
 * Per call, outside such a capture (`use_cuda_graphs`, default on): the first call of a shape captures one
@@ -375,12 +375,3 @@ def engine_executors(root: str, manifest: dict, *, device="cuda", cache_dir: str
             out[name] = TrtExecutor(f.read(), device, name=name, use_cuda_graphs=use_cuda_graphs)
     return out
 
-
-def stage_graphs(device):
-    """Whole-stage-loop CUDA graphs for backend "tensorrt": the `fast` backend's `StageGraphs`, whose loop
-    capture records the engines' enqueues together with the sampler arithmetic (UNCLIP_CUDA_GRAPHS=0: off)."""
-    from ..graphs import ENV_DISABLE, StageGraphs
-    device = torch.device(device)
-    if device.type != "cuda" or os.environ.get(ENV_DISABLE, "1").strip() == "0":
-        return None
-    return StageGraphs(device)

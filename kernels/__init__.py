@@ -24,14 +24,15 @@ standalone kernel. The U-Nets, where the activation traffic is, use group norm, 
 """
 
 if "." in __name__:  # the normal case: imported as `unclip.kernels`
-    from ._triton_support import interpreter_enabled, triton_installed
+    from ._triton_support import LaunchTarget, interpreter_enabled, record_launches, triton_installed
     from .attention import attention, attention_reference
     from .group_norm import group_norm, group_norm_reference
     from .wiring import kernel_attention, kernel_group_norm, use_kernels
     from . import ops  # noqa: F401  (registers torch.ops.unclip.*)
 
     __all__ = ["attention", "attention_reference", "group_norm", "group_norm_reference", "use_kernels",
-               "kernel_attention", "kernel_group_norm", "triton_installed", "interpreter_enabled"]
+               "kernel_attention", "kernel_group_norm", "triton_installed", "interpreter_enabled",
+               "LaunchTarget", "record_launches"]
 # Otherwise this folder was imported as a top-level package `kernels`, because the repository root is on
 # sys.path (e.g. `python -m pytest` run from it) and transformers/diffusers probe for Hugging Face's own
 # `kernels` package by importing it. Define nothing: the probe then sees a package without a version and

@@ -5,6 +5,9 @@ package works (with its PyTorch references and custom-op registrations) on machi
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -42,8 +45,12 @@ def load_triton_module(name: str):
 
 
 def get_kernel(module: str, name: str, device: torch.device):
-    """The Triton kernel `name` of private module `module`, checked to suit tensors on `device`."""
+    """The Triton kernel `name` of private module `module`, checked to suit tensors on `device`.
+    Inside `record_launches`, a stand-in that records the launch instead of running it."""
     kernel = getattr(load_triton_module(module), name)
+    recording = _RECORDING.get()
+    if recording is not None:
+        return _RecordingKernel(kernel, recording[1])
     if device.type == "cpu" and type(kernel).__name__ != "InterpretedFunction":
         raise RuntimeError(
             f"unclip.kernels: TRITON_INTERPRET=1 was set after the Triton kernels were first loaded as compiled "
@@ -57,6 +64,8 @@ def check_runnable(kernel: str, device: torch.device) -> None:
     require_triton()
     if device.type == "cuda":
         return
+    if device.type == "meta" and _RECORDING.get() is not None:
+        return
     if device.type == "cpu" and interpreter_enabled():
         return
     if device.type == "cpu":
@@ -68,15 +77,85 @@ def check_runnable(kernel: str, device: torch.device) -> None:
     raise RuntimeError(f"unclip.kernels.{kernel}: unsupported device {device}; the Triton kernels run on CUDA")
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchTarget:
+    """What the launchers' configuration choices depend on besides the shapes.
+
+    `capability`: CUDA compute capability as major·10 + minor (80 = A100, 90 = H100/H200); 0 for Triton's
+    CPU interpreter. `parallel_slots`: rough number of programs the device runs at once (used to size grids).
+    """
+    capability: int
+    parallel_slots: int
+
+    @classmethod
+    def cuda(cls, capability: int, multiprocessors: int) -> "LaunchTarget":
+        return cls(capability, 4 * multiprocessors)
+
+
+# The CPU interpreter runs programs one after another, so there the fewest, largest programs are fastest.
+INTERPRETER_TARGET = LaunchTarget(capability=0, parallel_slots=1)
+
+
 @functools.lru_cache(maxsize=None)
-def multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _cuda_target(device_index: int) -> LaunchTarget:
+    props = torch.cuda.get_device_properties(device_index)
+    return LaunchTarget.cuda(10 * props.major + props.minor, props.multi_processor_count)
+
+
+def launch_target(device: torch.device) -> LaunchTarget:
+    """The `LaunchTarget` of tensors on `device` (inside `record_launches`: the target being recorded for)."""
+    recording = _RECORDING.get()
+    if recording is not None:
+        return recording[0]
+    if device.type == "cuda":
+        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER_TARGET
 
 
 def parallel_slots(device: torch.device) -> int:
-    """Rough number of programs the device runs at once (used to size grids). The CPU interpreter runs
-    programs one after another, so there the fewest, largest programs are fastest."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return 4 * multiprocessor_count(index)
-    return 1
+    """Rough number of programs the device runs at once (used to size grids)."""
+    return launch_target(device).parallel_slots
+
+
+# ------------------------------------------------------------------------------------ recording launches
+
+@dataclasses.dataclass
+class KernelLaunch:
+    """One launch a launcher made inside `record_launches`: the Triton kernel (a `triton.JITFunction`), the
+    grid, the positional arguments (tensors, ints, floats) and the keyword ones (constexprs and launch
+    options such as num_warps, num_stages)."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+class _RecordingKernel:
+    """Stands in for a kernel inside `record_launches`: `kernel[grid](*args, **kwargs)` appends a
+    KernelLaunch instead of launching."""
+
+    def __init__(self, kernel, sink: list):
+        self._kernel, self._sink = kernel, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self._sink.append(KernelLaunch(self._kernel, tuple(grid), args, dict(kwargs)))
+        return launch
+
+
+_RECORDING: contextvars.ContextVar = contextvars.ContextVar("unclip_kernels_recording", default=None)
+
+
+@contextlib.contextmanager
+def record_launches(target: LaunchTarget):
+    """Run the public launchers (`attention`, `group_norm`) without running any kernel: inside this block
+    they accept meta tensors, choose their configuration for `target`, and append each launch they would
+    make to the yielded list. For compile-only checks without a GPU (benchmarks/kernel_report.py); needs
+    Triton, and TRITON_INTERPRET unset when the kernels are first loaded (to record compilable kernels)."""
+    require_triton()
+    sink: list[KernelLaunch] = []
+    token = _RECORDING.set((target, sink))
+    try:
+        yield sink
+    finally:
+        _RECORDING.reset(token)

@@ -1,4 +1,4 @@
-"""Fused attention: the PyTorch reference and a flash-attention-style Triton forward.
+"""Fused attention: a flash-attention-style Triton forward (and the one PyTorch reference, re-exported).
 
 `attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None)` computes
 softmax(q·kᵀ·scale + mask)·v for q (B, H, Lq, D) and k, v (B, H, Lk, D), exactly the contract of
@@ -6,45 +6,28 @@ softmax(q·kᵀ·scale + mask)·v for q (B, H, Lq, D) and k, v (B, H, Lk, D), ex
 program owns a block of query rows and streams the keys through an online softmax with fp32 statistics and
 an fp32 accumulator.
 
-Semantics shared by the kernel and `attention_reference` below:
+Semantics shared by the kernel and `attention_reference` (defined in `unclip.models.layers`, where the
+torch modules and the ONNX export form take it from; re-exported here for the kernel tests and reports):
 - `causal`: query i sees keys j <= i (top-left aligned, also when Lq != Lk).
 - `key_padding_mask`: bool (B, Lk), True = attend (a (1, Lk) mask broadcasts over the batch).
 - `scale`: default 1/sqrt(D).
-- A query row that sees no key at all (all its keys padded, or causal with key 0 padded, or Lk = 0)
-  outputs zeros, not NaN.
+- A query row that sees no key at all (all its keys padded, or causal with every key up to its
+  position padded, or Lk = 0) outputs zeros, not NaN.
 - fp32 inputs use full-precision (IEEE) fp32 dots, never TF32; fp16/bf16 inputs multiply in their own
   dtype and accumulate in fp32. Inference only (no backward).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from ..models.layers import attention_reference as _sdpa_reference
-from ._triton_support import check_runnable, get_kernel, parallel_slots
+from ..models.layers import attention_reference  # noqa: F401  (re-exported: unclip.kernels.attention_reference)
+from ._triton_support import LaunchTarget, check_runnable, get_kernel, launch_target
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-
-
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                        key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Plain PyTorch (SDPA) attention with the semantics above; rows that see no key are zeros."""
-    batch, _, len_q, _ = q.shape
-    len_k = k.shape[-2]
-    if len_k == 0:
-        return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
-    out = _sdpa_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-    if key_padding_mask is None:
-        return out  # every row sees key 0 (causal or not), so no row is empty
-    # Some SDPA versions return NaN for rows that see nothing; pin them to zero. A row sees something iff
-    # the first unpadded key is within its reach (index <= row when causal).
-    keep = key_padding_mask.to(torch.bool).expand(batch, len_k)
-    first_kept = torch.where(keep.any(-1), keep.to(torch.int8).argmax(-1), len_k)
-    rows = torch.arange(len_q, device=q.device)
-    sees_any = (rows[None, :] >= first_kept[:, None]) if causal else (first_kept < len_k)[:, None].expand(batch, len_q)
-    return out.masked_fill(~sees_any[:, None, :, None], 0)
 
 
 def _check(q, k, v, key_padding_mask, scale, out):
@@ -91,27 +74,41 @@ def _check(q, k, v, key_padding_mask, scale, out):
     return keep
 
 
-def _default_config(q: torch.Tensor, len_q: int, len_k: int, dim: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by shape. A heuristic, not autotuned: autotuning would
-    benchmark inside the first call (bad under CUDA-graph capture). Each choice was compiled for sm_90 and
-    checked free of register spills (fp16 128x64 blocks need 8 warps; fp32 needs 8 warps and small blocks);
-    it has not been timed on a GPU yet: benchmarks/kernels.py --sweep times the alternatives."""
-    block_d = max(16, _next_pow2(dim))
-    if q.dtype == torch.float32:
+@dataclasses.dataclass(frozen=True)
+class AttentionLaunchConfig:
+    """Block sizes (constexprs BLOCK_M, BLOCK_N, BLOCK_D) and launch options of one attention launch."""
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def attention_launch_config(*, head_dim: int, dtype: torch.dtype, batch_heads: int, len_q: int, len_k: int,
+                            target: LaunchTarget) -> AttentionLaunchConfig:
+    """The launcher's configuration for these shapes on `target` (pure: the launcher and
+    benchmarks/kernel_report.py both call it). A heuristic, not autotuned: autotuning would benchmark
+    inside the first call (bad under CUDA-graph capture). Every choice it can make at the presets' shapes
+    is compiled for sm_80 and sm_90 by benchmarks/kernel_report.py (tests/test_kernel_report.py) and checked
+    free of register spills and within shared memory; none has been timed on a GPU yet
+    (benchmarks/kernels.py --sweep times the alternatives). `target` is accepted for per-architecture
+    choices, but none differs yet: on sm_80 the fp16/bf16 128x64 blocks take 147-183 registers (one 8-warp
+    block per SM), and neither 4 warps (255 registers, spills) nor 2 stages (164-180) lowers that."""
+    block_d = max(16, _next_pow2(head_dim))
+    if dtype == torch.float32:
         block_m, block_n, warps, stages = (64 if block_d <= 128 else 32), 32, 8, 2
     elif block_d <= 128:
         block_m, block_n, warps, stages = 128, 64, 8, (3 if block_d <= 64 else 2)
     else:
         block_m, block_n, warps, stages = 64, 32, 8, 2
     # Short sequences (the prior's and CLIP's 77-81 tokens): smaller query blocks give more programs.
-    programs = q.shape[0] * q.shape[1]
-    while block_m > 32 and programs * -(-len_q // block_m) < parallel_slots(q.device):
+    while block_m > 32 and batch_heads * -(-len_q // block_m) < target.parallel_slots:
         block_m //= 2
-    if block_m < 128 and q.dtype != torch.float32 and block_d <= 128:
+    if block_m < 128 and dtype != torch.float32 and block_d <= 128:
         warps = 4
     if len_k <= 32:
         block_n = 32
-    return block_m, block_n, warps, stages
+    return AttentionLaunchConfig(block_m, block_n, block_d, warps, stages)
 
 
 def _next_pow2(n: int) -> int:
@@ -137,9 +134,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    bm, bn, warps, stages = _default_config(q, len_q, len_k, dim)
-    bm, bn = block_m or bm, block_n or bn
-    warps, stages = num_warps or warps, num_stages or stages
+    config = attention_launch_config(head_dim=dim, dtype=q.dtype, batch_heads=batch * heads, len_q=len_q,
+                                     len_k=len_k, target=launch_target(q.device))
+    bm, bn = block_m or config.block_m, block_n or config.block_n
+    warps, stages = num_warps or config.num_warps, num_stages or config.num_stages
     for name, value in (("block_m", bm), ("block_n", bn)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"attention: {name} must be a power of two >= 16, got {value}")
@@ -160,7 +158,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         scale * math.log2(math.e),
         CAUSAL=bool(causal), HAS_KEEP=keep is not None, EXACT_FP32=q.dtype == torch.float32,
         UPCAST_DOT=q.device.type == "cpu",  # the interpreter's bf16 dot is broken; see _attention_triton
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, _next_pow2(dim)),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=config.block_d,
         num_warps=warps, num_stages=stages, enable_fp_fusion=True,
     )
     return out

@@ -18,12 +18,13 @@ in place, and the output has the input's memory format (torch.empty_like).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from ..models.layers import group_norm_reference
-from ._triton_support import check_runnable, get_kernel, parallel_slots
+from ._triton_support import LaunchTarget, check_runnable, get_kernel, launch_target
 
 __all__ = ["group_norm", "group_norm_reference"]
 
@@ -92,9 +93,9 @@ def _check(x, num_groups, weight, bias, eps, scale, shift, out):
     return scale, shift
 
 
-def _split_tiles(stride_c: int, stride_s: int, channels: int, spatial: int):
+def _split_tiles(stride_c_is_unit: bool, channels: int, spatial: int):
     """(BLOCK_C, BLOCK_S) for the split path, long along the unit-stride axis so loads coalesce."""
-    if stride_c == 1 and stride_s != 1:  # channels-last: a tile spans many channels of a few positions
+    if stride_c_is_unit:  # channels-last: a tile spans many channels of a few positions
         # the widest block (<= 128) that divides C, so no block is half padding (C = 320 -> 64)
         block_c = next((bc for bc in (128, 64, 32) if channels % bc == 0), min(_next_pow2(channels), 128))
         block_s = max(2, min(_next_pow2(spatial), TILE_ELEMENTS // block_c))
@@ -102,6 +103,66 @@ def _split_tiles(stride_c: int, stride_s: int, channels: int, spatial: int):
         block_s = max(2, min(_next_pow2(spatial), 1024))
         block_c = max(2, min(_next_pow2(channels), TILE_ELEMENTS // block_s))
     return block_c, block_s
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupNormLaunchConfig:
+    """How `group_norm` launches for one shape. path "whole_group": one kernel, tile (block_c, block_s)
+    holding a whole group. path "split": partial statistics and apply kernels on (block_c, block_s) tiles
+    over spatial chunks of chunk_len (num_chunks per channel), and the finalize kernel on
+    (finalize_block_c, finalize_block_k) tiles with finalize_num_warps."""
+    path: str
+    block_c: int
+    block_s: int
+    num_warps: int
+    chunk_len: int | None = None
+    num_chunks: int | None = None
+    finalize_block_c: int | None = None
+    finalize_block_k: int | None = None
+    finalize_num_warps: int | None = None
+
+
+def group_norm_launch_config(*, batch: int, channels: int, num_groups: int, spatial: int, channels_last: bool,
+                             target: LaunchTarget, path: str = "auto", block_c: int | None = None,
+                             block_s: int | None = None, chunk_len: int | None = None,
+                             num_warps: int | None = None) -> GroupNormLaunchConfig:
+    """The launcher's configuration for x of (batch, channels, spatial) on `target` (pure: the launcher and
+    benchmarks/kernel_report.py both call it). `channels_last`: the channel stride is 1 and the spatial one
+    is not. The keyword knobs are `group_norm`'s overrides (validated here, ValueError naming them)."""
+    per_group = channels // num_groups
+    whole_c, whole_s = max(2, _next_pow2(per_group)), max(2, _next_pow2(spatial))
+    if path == "whole_group" and whole_c * whole_s > 8 * WHOLE_GROUP_MAX:
+        raise ValueError(f"group_norm: path='whole_group' holds a group in registers; {per_group}x{spatial} "
+                         f"is too large (padded size must be <= {8 * WHOLE_GROUP_MAX})")
+    if path == "whole_group" or (path == "auto" and whole_c * whole_s <= WHOLE_GROUP_MAX):
+        # About 16 elements a thread, at least 4 warps: 8 warps for a whole 8K-element group held 32 values a
+        # thread in 100-120 registers (sm_80/sm_90, benchmarks/kernel_report.py); 16 warps hold 16 in 32-63.
+        # The grid is only B·G programs, so the warps of one program are what hides memory latency.
+        elements = whole_c * whole_s
+        return GroupNormLaunchConfig("whole_group", whole_c, whole_s,
+                                     num_warps or (4 if elements <= 2048 else 8 if elements <= 4096 else 16))
+
+    bc, bs = _split_tiles(channels_last, channels, spatial)
+    bc, bs = block_c or bc, block_s or bs
+    for name, value in (("block_c", bc), ("block_s", bs)):
+        if value < 2 or value & (value - 1):
+            raise ValueError(f"group_norm: {name} must be a power of two >= 2, got {value}")
+    num_c_blocks = -(-channels // bc)
+    if chunk_len is None:
+        # enough programs to fill the GPU, each looping over whole tiles
+        wanted = max(1, -(-2 * target.parallel_slots // (batch * num_c_blocks)))
+        chunk_len = -(-spatial // wanted)
+        chunk_len = max(-(-spatial // MAX_CHUNKS), chunk_len)
+        chunk_len = -(-chunk_len // bs) * bs
+    elif chunk_len < 1 or chunk_len % bs:
+        raise ValueError(f"group_norm: chunk_len must be a positive multiple of block_s = {bs}, got {chunk_len}")
+    num_chunks = -(-spatial // chunk_len)
+    if num_chunks > MAX_CHUNKS:
+        raise ValueError(f"group_norm: chunk_len {chunk_len} gives {num_chunks} chunks; at most {MAX_CHUNKS}")
+    block_k = max(2, _next_pow2(num_chunks))
+    return GroupNormLaunchConfig("split", bc, bs, num_warps or 8, chunk_len, num_chunks,
+                                 finalize_block_c=max(2, min(_next_pow2(per_group), 2048 // block_k)),
+                                 finalize_block_k=block_k, finalize_num_warps=4)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -138,37 +199,20 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     w_arg = weight if weight is not None else x
     b_arg = bias if bias is not None else x
 
-    whole_c, whole_s = max(2, _next_pow2(per_group)), max(2, _next_pow2(spatial))
-    if path == "whole_group" and whole_c * whole_s > 8 * WHOLE_GROUP_MAX:
-        raise ValueError(f"group_norm: path='whole_group' holds a group in registers; {per_group}x{spatial} "
-                         f"is too large (padded size must be <= {8 * WHOLE_GROUP_MAX})")
-    if path == "whole_group" or (path == "auto" and whole_c * whole_s <= WHOLE_GROUP_MAX):
+    config = group_norm_launch_config(batch=batch, channels=channels, num_groups=num_groups, spatial=spatial,
+                                      channels_last=xs[1] == 1 and xs[2] != 1, target=launch_target(x.device),
+                                      path=path, block_c=block_c, block_s=block_s, chunk_len=chunk_len,
+                                      num_warps=num_warps)
+    bc, bs, warps = config.block_c, config.block_s, config.num_warps
+    if config.path == "whole_group":
         kernel = get_kernel("_group_norm_triton", "group_norm_whole_group_kernel", x.device)
         kernel[(batch * num_groups,)](
             x, out, w_arg, b_arg, *ss_args, *xs, *ys, *ss_strides,
             num_groups, per_group, spatial, float(per_group * spatial), float(eps),
-            **flags, BLOCK_C=whole_c, BLOCK_S=whole_s, num_warps=num_warps or (4 if whole_c * whole_s <= 2048 else 8),
-            enable_fp_fusion=True)
+            **flags, BLOCK_C=bc, BLOCK_S=bs, num_warps=warps, enable_fp_fusion=True)
         return out
 
-    bc, bs = _split_tiles(xs[1], xs[2], channels, spatial)
-    bc, bs = block_c or bc, block_s or bs
-    for name, value in (("block_c", bc), ("block_s", bs)):
-        if value < 2 or value & (value - 1):
-            raise ValueError(f"group_norm: {name} must be a power of two >= 2, got {value}")
-    num_c_blocks = -(-channels // bc)
-    if chunk_len is None:
-        # enough programs to fill the GPU, each looping over whole tiles
-        wanted = max(1, -(-2 * parallel_slots(x.device) // (batch * num_c_blocks)))
-        chunk_len = -(-spatial // wanted)
-        chunk_len = max(-(-spatial // MAX_CHUNKS), chunk_len)
-        chunk_len = -(-chunk_len // bs) * bs
-    elif chunk_len < 1 or chunk_len % bs:
-        raise ValueError(f"group_norm: chunk_len must be a positive multiple of block_s = {bs}, got {chunk_len}")
-    num_chunks = -(-spatial // chunk_len)
-    if num_chunks > MAX_CHUNKS:
-        raise ValueError(f"group_norm: chunk_len {chunk_len} gives {num_chunks} chunks; at most {MAX_CHUNKS}")
-    warps = num_warps or 8
+    num_c_blocks, num_chunks, chunk_len = -(-channels // bc), config.num_chunks, config.chunk_len
     part_mean = torch.empty(batch * channels * num_chunks, dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     mean = torch.empty(batch * num_groups, dtype=torch.float32, device=x.device)
@@ -177,11 +221,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     get_kernel("_group_norm_triton", "group_norm_partial_stats_kernel", x.device)[grid](
         x, part_mean, part_m2, *xs, channels, spatial, num_c_blocks, num_chunks, chunk_len,
         BLOCK_C=bc, BLOCK_S=bs, num_warps=warps, enable_fp_fusion=True)
-    block_k = max(2, _next_pow2(num_chunks))
     get_kernel("_group_norm_triton", "group_norm_finalize_kernel", x.device)[(batch * num_groups,)](
         part_mean, part_m2, mean, rstd, num_groups, per_group, spatial, num_chunks, chunk_len,
         float(per_group * spatial), float(eps),
-        BLOCK_C=max(2, min(_next_pow2(per_group), 2048 // block_k)), BLOCK_K=block_k, num_warps=4,
+        BLOCK_C=config.finalize_block_c, BLOCK_K=config.finalize_block_k, num_warps=config.finalize_num_warps,
         enable_fp_fusion=True)
     get_kernel("_group_norm_triton", "group_norm_apply_kernel", x.device)[grid](
         x, out, w_arg, b_arg, *ss_args, mean, rstd, *xs, *ys, *ss_strides,

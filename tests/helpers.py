@@ -1,5 +1,22 @@
-"""Helpers shared by the tests: a numerical error measure and a diffusers peer."""
+"""Helpers shared by the tests: a numerical error measure, thread-count control and a diffusers peer."""
+import contextlib
+
 import torch
+
+# Parity with diffusers must hold at every intra-op thread count (services pin it), not only at the default:
+# MKL and PyTorch pick kernels and split work by it, so tests compare at 1, 2 and the default count.
+THREAD_COUNTS = sorted({1, 2, torch.get_num_threads()})
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with `n` intra-op threads (both peers then use the same count), restoring the old one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -11,8 +28,8 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def diffusers_unclip_pipeline(path: str, variations: bool = False):
     """diffusers' UnCLIPPipeline (or, with `variations`, UnCLIPImageVariationPipeline) over a saved cascade
-    folder, in fp32. Built from the component folders: diffusers 0.42 cannot `from_pretrained` the folder
-    itself, as its model_index names `unclip` for text_proj."""
+    folder, in fp32. Built from the component folders, so that it also takes folders whose model_index.json
+    diffusers cannot load (Karlo's `unclip` text_proj entry, or the one diffusers 0.42 itself writes)."""
     import transformers
     from diffusers import (PriorTransformer, UnCLIPImageVariationPipeline, UnCLIPPipeline, UnCLIPScheduler,
                            UNet2DConditionModel, UNet2DModel)

@@ -1,13 +1,10 @@
 """Cascade behaviour beyond diffusers parity: the loop vs a plain reference loop, DDIM, prior candidates,
 validation, callbacks, threads, non-finite detection and the CLI."""
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import unclip
 from unclip.samplers import alphas_cumprod_for, betas_for, karlo_timesteps
@@ -163,23 +160,3 @@ def test_non_finite_output_names_the_stage():
         pipe.components.decoder.conv_out.bias.fill_(float("nan"))
     with pytest.raises(unclip.NonFiniteError, match="stage 'decoder'"):
         _call(pipe)
-
-
-def test_cli_generate_writes_pngs_with_metadata(tmp_path):
-    out = tmp_path / "horse.png"
-    cmd = [sys.executable, "-m", "unclip", "generate", "a horse", "--preset", "tiny", "-n", "2", "--seed", "3",
-           "--steps", "2", "2", "2", "--sampler", "ddim", "--out", str(out), "--quiet"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    files = sorted(tmp_path.glob("horse-*.png"))
-    assert [f.name for f in files] == ["horse-0.png", "horse-1.png"]
-    meta = Image.open(files[1]).text
-    assert meta["prompt"] == "a horse" and '"seed": 3' in meta["unclip"] and '"index": 1' in meta["unclip"]
-
-
-def test_cli_reports_errors_and_info():
-    bad = subprocess.run([sys.executable, "-m", "unclip", "generate", "x", "--preset", "tiny", "--steps", "0", "2",
-                          "2", "--quiet"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "prior_num_inference_steps must be in 1..1000" in bad.stderr
-    info = subprocess.run([sys.executable, "-m", "unclip", "info"], capture_output=True, text=True, timeout=300)
-    assert info.returncode == 0 and "torch:" in info.stdout and "backends:" in info.stdout

@@ -7,7 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from helpers import max_rel_err
+from helpers import THREAD_COUNTS, max_rel_err, torch_threads
 from unclip.config import Config, ConfigError
 from unclip.models import load_model, save_model
 from unclip.models.clip import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
@@ -121,6 +121,27 @@ def test_text_parity_and_round_trip(tmp_path, name):
         assert getattr(back.config, key) == getattr(ref.config, key), key
     a, b = run_reference_text(back, ids, mask), run_reference_text(ref, ids, mask)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("threads", THREAD_COUNTS, ids=lambda n: f"{n}threads")
+def test_towers_bit_identical_to_transformers(tmp_path, threads):
+    """fp32 CPU outputs equal transformers' bit for bit at every thread count: the text tower with and
+    without a padding mask (causal-only attention runs SDPA's own causal path, as there) and the image tower."""
+    ref, kw = reference_text(tmp_path / "text", "first_eos")
+    ours = load_model(str(tmp_path / "text" / "ref"), CLIPTextModelWithProjection)
+    ids, mask = text_batch(kw, seed=3)
+    for mask_ in (None, mask):
+        with torch_threads(threads):
+            with torch.no_grad():
+                got = ours(ids, mask_)
+            expected = run_reference_text(ref, ids, mask_)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), mask_ is None
+    ref, kw = reference_vision(tmp_path / "vision", "quick_gelu")
+    ours = load_model(str(tmp_path / "vision" / "ref"), CLIPVisionModelWithProjection)
+    pixels = torch.randn(2, 3, kw["image_size"], kw["image_size"], generator=torch.Generator().manual_seed(2))
+    with torch_threads(threads), torch.no_grad():
+        got, r = ours(pixels), ref(pixel_values=pixels)
+    assert torch.equal(got[0], r.image_embeds) and torch.equal(got[1], r.last_hidden_state)
 
 
 def test_text_pooling_picks_the_right_token(tmp_path):
@@ -262,7 +283,7 @@ def test_karlo_configs_match_transformers_layout():
             ours = ours_cls(ours_cfg)
             ref = hf_model(hf_cfg(**plain))
         assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
-        if ours_cls is CLIPTextModelWithProjection:  # DESIGN.md: Karlo's text encoder has 123 M parameters
+        if ours_cls is CLIPTextModelWithProjection:  # docs/architecture.md: Karlo's text encoder has 123 M parameters
             assert 122e6 < sum(p.numel() for p in ours.parameters()) < 125e6
 
 

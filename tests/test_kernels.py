@@ -150,6 +150,42 @@ def test_attention_rows_whose_first_key_blocks_are_all_padded(causal):
         assert (got[0, :, :37] == 0).all()  # rows before the first visible key see nothing
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_that_see_no_key_are_zero_in_every_consumer(causal):
+    """The one attention rule, zeros for a query row that sees no key, holds in the torch modules' path
+    (Attend with its default impl, i.e. models.layers.attention_reference), the Triton kernel and the ONNX
+    export form alike; every other row is the float64 softmax attention."""
+    from unclip.export.onnx import attention_for_export
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, 2, 12, 32, generator=gen) for _ in range(3))
+    keep = torch.ones(3, 12, dtype=torch.bool)
+    keep[0] = False      # every key padded: no row of element 0 sees a key
+    keep[1, :5] = False  # causal: rows 0-4 of element 1 see nothing; otherwise they see keys 5..11
+    keep[2, 3:7] = False
+    visible = keep[:, None, :].expand(3, 12, 12)
+    if causal:
+        visible = visible & torch.ones(12, 12, dtype=torch.bool).tril()
+    empty = ~visible.any(-1)  # (B, Lq)
+    assert empty.any() and (~empty).any()
+    expected = attention_f64(q, k, v, causal, keep).float()
+    outputs = {
+        "torch module": Attend()(q, k, v, causal=causal, key_padding_mask=keep),
+        "kernel": K.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal=causal,
+                              key_padding_mask=keep.to(DEVICE), out=poisoned_like(q.to(DEVICE))).cpu(),
+        "export form": attention_for_export(q, k, v, causal=causal, key_padding_mask=keep),
+    }
+    for name, out in outputs.items():
+        assert torch.isfinite(out).all(), name
+        assert (out.permute(0, 2, 1, 3)[empty] == 0).all(), f"{name}: a row that sees no key is not zero"
+        assert max_rel_err(out, expected) <= 1e-5, name
+    # The rule does not touch rows that see a key: those stay exactly PyTorch's SDPA.
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=visible[:, None] if causal else keep[:, None, None, :])
+    seen = (~empty)[:, None, :, None].expand_as(sdpa)
+    assert torch.equal(outputs["torch module"][seen], sdpa[seen])
+
+
 def test_attention_default_output_and_strided_out():
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 2, 19, 64, generator=gen).to(DEVICE)
@@ -336,8 +372,7 @@ def test_tiny_pipeline_with_kernels_equals_the_torch_backend():
             return out
         return impl
 
-    from unclip.pipeline import networks
-    for model in networks(fast.components):
+    for model in fast.cascade.networks.modules:  # the fast runner's copies of the networks
         for m in model.modules():
             if isinstance(m, (Attend, GroupNorm)):  # the backend swapped every swap point
                 assert m.impl in (K.kernel_attention, K.kernel_group_norm), (type(model).__name__, m)
@@ -362,7 +397,8 @@ def test_tiny_pipeline_with_kernels_equals_the_torch_backend():
 def test_fast_backend_without_cuda_or_interpreter_says_so(monkeypatch):
     import unclip
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ValueError, match="backend 'fast' runs Triton kernels: it needs a CUDA device"):
+    with pytest.raises(ValueError, match="backend 'fast' is not available here: it runs Triton kernels: it needs a "
+                                         "CUDA device"):
         unclip.Pipeline.from_preset("tiny", backend="fast")
 
 

@@ -141,6 +141,40 @@ def _edit_json(path, **changes):
     json.dump(data, open(path, "w"))
 
 
+def _write(root, rel, content):
+    mode = "wb" if isinstance(content, bytes) else "w"
+    with open(os.path.join(root, *rel.split("/")), mode) as f:
+        f.write(content)
+
+
+def _edit_text(root, rel, old, new):
+    path = os.path.join(root, *rel.split("/"))
+    text = open(path).read()
+    assert old in text
+    open(path, "w").write(text.replace(old, new))
+
+
+def _retype(root, component, name, dtype):
+    """Store every float tensor of one weights file as `dtype` (e.g. a conversion gone wrong)."""
+    path = os.path.join(root, component, name)
+    state = load_file(path)
+    save_file({k: (v * 100).to(dtype) if v.is_floating_point() else v for k, v in state.items()}, path)
+
+
+def _shard(root, edit_map):
+    """Split the decoder's weights into two shards with an index whose weight_map is `edit_map(weight_map)`."""
+    folder = os.path.join(root, "decoder")
+    state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    os.remove(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    keys = sorted(state)
+    shards = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.safetensors": keys[len(keys) // 2:]}
+    for n, ks in shards.items():
+        save_file({k: state[k] for k in ks}, os.path.join(folder, n))
+    weight_map = {k: n for n, ks in shards.items() for k in ks}
+    with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": edit_map(weight_map)}, f)
+
+
 @pytest.mark.parametrize("breakage, error, pattern", [
     (lambda d: shutil.rmtree(d), ConfigError, "model directory not found"),
     (lambda d: os.remove(os.path.join(d, "model_index.json")), ConfigError, "model_index.json: file not found"),
@@ -162,8 +196,41 @@ def _edit_json(path, **changes):
      ConfigError, r"_unclip_call_defaults' has unknown key 'guidance'"),
     (lambda d: _edit_json(os.path.join(d, "model_index.json"), _unclip_call_defaults={"decoder_guidance_scale": 0.5}),
      ConfigError, r"decoder_guidance_scale'\] = 0.5 must be a number in \[1, 100\]"),
+    # Every way a JSON file can fail to parse is a ConfigError naming the file.
+    (lambda d: _write(d, "decoder/config.json", "[" * 100_000 + "]" * 100_000), ConfigError,
+     r"decoder[/\\]config.json: not valid JSON \(nested too deeply\)"),
+    (lambda d: _write(d, "decoder/config.json", '{"sample_size": ' + "9" * 5000 + "}"), ConfigError,
+     r"decoder[/\\]config.json: not valid JSON \(Exceeds the limit"),
+    (lambda d: _write(d, "prior/config.json", b'{"_class_name": "Prior\xff"}'), ConfigError,
+     r"prior[/\\]config.json: not valid UTF-8"),
+    (lambda d: _edit_text(d, "prior/config.json", '"dropout": 0.0', '"dropout": NaN'), ConfigError,
+     r"prior[/\\]config.json: not valid JSON \(NaN is not a JSON number\)"),
+    (lambda d: _edit_text(d, "prior/config.json", '"dropout": 0.0', '"dropout": 1e999'), ConfigError,
+     r"prior[/\\]config.json: not valid JSON \(the number 1e999 does not fit"),
+    # Bounds checked before anything is built or allocated.
+    (lambda d: _edit_json(os.path.join(d, "decoder_scheduler", "scheduler_config.json"),
+                          num_train_timesteps=10**12), ConfigError,
+     r"decoder_scheduler[/\\]scheduler_config.json: config key 'num_train_timesteps' = 1000000000000 must be <= "),
+    (lambda d: _edit_json(os.path.join(d, "decoder", "config.json"), sample_size=10**6), ConfigError,
+     r"decoder[/\\]config.json: config key 'sample_size' = 1000000 exceeds 4096"),
+    (lambda d: _edit_json(os.path.join(d, "super_res_first", "config.json"), block_out_channels=[32, 10**7]),
+     ConfigError, r"super_res_first[/\\]config.json: config key 'block_out_channels' .* exceeds"),
+    (lambda d: _edit_json(os.path.join(d, "prior", "config.json"), num_layers=10**6), ConfigError,
+     r"prior[/\\]config.json: config key 'num_layers' = 1000000 exceeds"),
+    (lambda d: _edit_json(os.path.join(d, "text_encoder", "config.json"), max_position_embeddings=10**9),
+     ConfigError, r"text_encoder[/\\]config.json: config key 'max_position_embeddings' .* exceeds"),
+    # Tensors of the wrong kind, and broken shard indexes.
+    (lambda d: _retype(d, "text_proj", "diffusion_pytorch_model.safetensors", torch.int64), WeightsError,
+     r"tensor\(s\) of the wrong dtype: .*text_proj[/\\]diffusion_pytorch_model.safetensors: "
+     r"clip_extra_context_tokens_proj.bias is int64, the model's is float32"),
+    (lambda d: _shard(d, lambda m: list(m)), WeightsError, r"key 'weight_map' = \[.* must be a non-empty object"),
+    (lambda d: _shard(d, lambda m: {k: 7 for k in m}), WeightsError, r"weight_map\['.*'\] = 7 must be a shard"),
+    (lambda d: _shard(d, lambda m: {k: "../x.safetensors" for k in m}), WeightsError, "plain file name"),
 ], ids=["no-dir", "no-index", "bad-json", "wrong-class", "missing-component", "bad-config-value",
-        "bad-scheduler", "mis-shaped", "no-weights", "corrupt-weights", "call-default-key", "call-default-value"])
+        "bad-scheduler", "mis-shaped", "no-weights", "corrupt-weights", "call-default-key", "call-default-value",
+        "json-deep", "json-5000-digits", "json-utf8", "json-nan", "json-overflow", "timesteps-bound",
+        "sample-size-bound", "channels-bound", "layers-bound", "positions-bound", "int-tensor",
+        "weight-map-list", "weight-map-ints", "weight-map-path"])
 def test_bad_folders_give_clear_errors(copy_of, breakage, error, pattern):
     breakage(copy_of)
     before = _snapshot(copy_of) if os.path.isdir(copy_of) else None
@@ -213,7 +280,7 @@ def _count(module):
 
 def test_karlo_preset_has_karlo_sizes():
     c = build_preset("karlo", device="meta")
-    # DESIGN §2: prior 1022M, decoder 885M, each SR 692M, CLIP text tower 123M.
+    # Karlo (docs/architecture.md): prior 1022M, decoder 885M, each SR 692M, CLIP text tower 123M.
     for module, millions in ((c.prior, 1022), (c.decoder, 885), (c.upsamplers[0].first, 692),
                              (c.upsamplers[0].last, 692), (c.text_encoder, 123)):
         assert abs(_count(module) / 1e6 - millions) / millions < 0.01, (type(module).__name__, _count(module))
@@ -235,3 +302,27 @@ def test_unknown_preset_and_bad_arguments():
         unclip.Pipeline.from_preset("tiny", dtype="int8")
     with pytest.raises(ValueError, match="backend must be one of"):
         unclip.Pipeline.from_preset("tiny", backend="jax")
+
+
+def test_folder_saved_by_diffusers_and_transformers_5_loads_and_draws_their_images(saved, tmp_path):
+    """diffusers 0.42's UnCLIPPipeline.save_pretrained (transformers 5 writes the tokenizer as tokenizer.json +
+    tokenizer_config.json only, and text_proj is named as a diffusers class): the folder loads and our images
+    equal diffusers' (fp32 CPU, max |d| <= 1e-4)."""
+    import numpy as np
+    from helpers import diffusers_unclip_pipeline
+    theirs = diffusers_unclip_pipeline(saved)
+    folder = tmp_path / "saved-by-diffusers"
+    theirs.save_pretrained(str(folder))
+    assert sorted(os.listdir(folder / "tokenizer")) == ["tokenizer.json", "tokenizer_config.json"]
+    assert json.load(open(folder / "model_index.json"))["text_proj"] == ["diffusers", "UnCLIPTextProjModel"]
+    ours = unclip.Pipeline.from_pretrained(str(folder))
+    steps = dict(prior_num_inference_steps=4, decoder_num_inference_steps=5, super_res_num_inference_steps=3)
+    prompt = ["a red circle on a white background", "An Astronaut, riding; a HORSE!!"]
+    a = ours(prompt, generator=torch.Generator().manual_seed(7), output_type="np", progress=False, **steps).images
+    b = theirs(prompt, generator=torch.Generator().manual_seed(7), output_type="np", **steps).images
+    assert a.shape == b.shape == (2, 32, 32, 3)
+    assert np.abs(a - b).max() <= 1e-4, np.abs(a - b).max()
+    assert ((a > 0.01) & (a < 0.99)).mean() > 0.3 and a.std() > 0.01  # not vacuous: real, unsaturated images
+    # And what we write back is a folder diffusers' own components load again.
+    ours.save_pretrained(str(tmp_path / "again"))
+    assert diffusers_unclip_pipeline(str(tmp_path / "again")) is not None

@@ -367,7 +367,7 @@ def test_cli_and_backend_say_what_tensorrt_needs(tmp_path, capsys, exported_fp16
     err = capsys.readouterr().err
     assert "tensorrt" in err.lower() and trt_export.tensorrt_status() in err
     assert not out.exists()
-    with pytest.raises(RuntimeError, match="TensorRT|CUDA"):
+    with pytest.raises(ValueError, match="backend 'tensorrt' is not available here: .*(TensorRT|CUDA)"):
         unclip.Pipeline.from_pretrained(exported_fp16[1], backend="tensorrt", device="cuda", dtype=torch.float16)
 
 
@@ -378,7 +378,7 @@ def test_tensorrt_backend(exported_fp16, tmp_path):
     c16, out = exported_fp16
     cache = str(tmp_path / "engines")
     manifest = onnx_export.read_manifest(out)
-    g = load_exported(out, backend="tensorrt", device="cuda", tensorrt_options={"cache_dir": cache})
+    g = load_exported(out, backend="tensorrt", device="cuda", cache_dir=cache)
     reference = _fp32_copy(c16)
     for name, pick, args in _network_cases(reference, torch.Generator().manual_seed(5)):
         args = tuple(a.half().float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)

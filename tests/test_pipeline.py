@@ -1,7 +1,8 @@
 """End-to-end: our Pipeline vs diffusers' UnCLIPPipeline on the same saved random-weight cascades.
 
 Same weights, same arguments, same CPU generator seed -> same images (fp32, max |Δ| <= 1e-4), which proves
-the models, samplers, guidance, noise draw order and pre/post-processing all agree.
+the models, samplers, guidance, noise draw order and pre/post-processing all agree. The comparisons run at
+1, 2 and the default number of intra-op threads (the same count on both sides): parity must not depend on it.
 """
 import copy
 import math
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import unclip
-from helpers import diffusers_unclip_pipeline
+from helpers import THREAD_COUNTS, diffusers_unclip_pipeline, torch_threads
 from unclip.presets import build_components, preset_configs
 
 TOL = 1e-4
@@ -71,11 +72,14 @@ def _assert_same_images(a, b):
     dict(prompt="no guidance", prior_guidance_scale=1.0, decoder_guidance_scale=0.5),
     dict(prompt="guidance on one stage", prior_guidance_scale=0.5, decoder_guidance_scale=3.0),
 ], ids=["single", "list", "images_per_prompt", "guidance_off", "guidance_mixed"])
-def test_matches_diffusers(pair, kwargs):
-    _assert_same_images(*_both(pair, **kwargs))
+@pytest.mark.parametrize("threads", THREAD_COUNTS, ids=lambda n: f"{n}threads")
+def test_matches_diffusers(pair, kwargs, threads):
+    with torch_threads(threads):
+        _assert_same_images(*_both(pair, **kwargs))
 
 
-def test_matches_diffusers_with_explicit_latents(pair):
+@pytest.mark.parametrize("threads", THREAD_COUNTS, ids=lambda n: f"{n}threads")
+def test_matches_diffusers_with_explicit_latents(pair, threads):
     ours, _ = pair
     g = torch.Generator().manual_seed(3)
     rows = 2
@@ -85,7 +89,8 @@ def test_matches_diffusers_with_explicit_latents(pair):
     latents = dict(prior_latents=torch.randn(rows, dim, generator=g),
                    decoder_latents=torch.randn(rows, dec.in_channels, dec.sample_size, dec.sample_size, generator=g),
                    super_res_latents=torch.randn(rows, sr.in_channels // 2, sr.sample_size, sr.sample_size, generator=g))
-    _assert_same_images(*_both(pair, prompt=["a cat", "a dog"], **latents))
+    with torch_threads(threads):
+        _assert_same_images(*_both(pair, prompt=["a cat", "a dog"], **latents))
 
 
 def test_output_types_agree(pair):

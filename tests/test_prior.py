@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import PriorTransformer as RefPrior
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel as RefTextProj
-from helpers import max_rel_err
+from helpers import THREAD_COUNTS, max_rel_err, torch_threads
 
 from unclip.config import Config, ConfigError
 from unclip.models import load_model, save_model
@@ -107,6 +107,20 @@ def test_prior_matches_reference(prior_pair, timestep_kind):
     assert actual.shape == (4, clip_dim)
     assert expected.abs().max() > 0.1  # non-trivial output
     assert max_rel_err(actual, expected) <= TOL
+
+
+@pytest.mark.parametrize("threads", THREAD_COUNTS, ids=lambda n: f"{n}threads")
+def test_prior_bit_identical_to_reference(prior_pair, threads):
+    """fp32 CPU outputs equal diffusers' bit for bit at every thread count (the cascade's t = 999 steps
+    amplify any one-ulp difference); padded prompts and the t = 999 of the first step included."""
+    _, cfg, ref, ours = prior_pair
+    inputs = prior_inputs(cfg, seed=6)
+    timestep = torch.tensor([999, 999, 500, 3])
+    with torch_threads(threads):
+        expected = ref_prior(ref, inputs, timestep)
+        with torch.no_grad():
+            actual = ours(timestep=timestep, **inputs)
+    assert torch.equal(actual, expected), (actual - expected).abs().max().item()
 
 
 def test_prior_output_depends_on_mask_and_timestep(prior_pair):

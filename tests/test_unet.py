@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
-from helpers import max_rel_err
+from helpers import THREAD_COUNTS, max_rel_err, torch_threads
 
 from unclip.config import Config, ConfigError
 from unclip.models import load_model, save_model
@@ -102,13 +102,14 @@ def super_res_pair(request, tmp_path_factory):
     return ref, load_model(folder, SuperResUNet), folder
 
 
-def _decoder_inputs(model: ConditionalUNet, n: int = 2, text_len: int = 6, seed: int = 0):
+def _decoder_inputs(model: ConditionalUNet, n: int = 2, text_len: int = 6, seed: int = 0, size: int | None = None):
     """A CFG-shaped batch of 2n: n unconditional rows then n conditional rows, 4 extra context tokens in front
-    of `text_len` text tokens, the text padded differently per row."""
+    of `text_len` text tokens, the text padded differently per row. `size`: the map size (default: the
+    config's sample_size)."""
     g = torch.Generator().manual_seed(seed)
     c = model.config
     batch, length = 2 * n, 4 + text_len
-    size = c.sample_size
+    size = size or c.sample_size
     sample = torch.randn(batch, c.in_channels, size, size, generator=g)
     context = torch.randn(batch, length, c.cross_attention_dim, generator=g)
     text_lengths = torch.tensor([1, text_len, 3, text_len - 2][:n] * 2)
@@ -138,6 +139,27 @@ def test_decoder_matches_diffusers(decoder_pair):
         expected = _ref_decoder(ref, sample, t, context, labels, mask)
         assert out.shape == expected.shape == (sample.shape[0], ours.config.out_channels, *sample.shape[2:])
         assert max_rel_err(out, expected) <= TOL, label
+
+
+# Map sizes for the bitwise checks: the attention layers then run down to 2x2 and 1x1 maps, where a projection
+# computed as a batched mm over the strided pixel view (rather than diffusers' one mm over copied rows) rounds
+# differently, at any thread count.
+BITWISE_SIZES = (16, 8, 4)
+
+
+@pytest.mark.parametrize("threads", THREAD_COUNTS, ids=lambda n: f"{n}threads")
+def test_decoder_bit_identical_to_diffusers(decoder_pair, threads):
+    """fp32 CPU outputs equal diffusers' bit for bit, at every thread count and map size: the cascade needs it,
+    as Karlo's first step of each stage (t = 999) amplifies a one-ulp difference about 2×10⁴."""
+    ref, ours, _ = decoder_pair
+    for size in BITWISE_SIZES:
+        sample, context, labels, mask = _decoder_inputs(ours, seed=7, size=size)
+        with torch_threads(threads):
+            with torch.no_grad():
+                out = ours(sample, 999, context, labels, mask)
+            expected = _ref_decoder(ref, sample, 999, context, labels, mask)
+        assert torch.equal(out, expected), (size, (out - expected).abs().max().item())
+        assert expected.abs().max() > 0.1  # not vacuous
 
 
 def test_decoder_fractional_timestep_and_no_mask(decoder_pair):
@@ -247,6 +269,21 @@ def test_super_res_matches_diffusers(super_res_pair):
         assert max_rel_err(out, expected) <= TOL, label
         outputs.append(out)
     assert max_rel_err(outputs[0], outputs[1]) > 1e-3  # the timestep matters
+
+
+@pytest.mark.parametrize("threads", THREAD_COUNTS, ids=lambda n: f"{n}threads")
+def test_super_res_bit_identical_to_diffusers(super_res_pair, threads):
+    """As for the decoder: bit for bit at every thread count, on maps small enough that the mid-block
+    attention (where there is one) runs on 2x2 pixels."""
+    ref, ours, _ = super_res_pair
+    factor = 2 ** (len(ours.config.block_out_channels) - 1)
+    for size in sorted({max(s, factor) for s in BITWISE_SIZES}):
+        sample = torch.randn(2, ours.config.in_channels, size, size, generator=torch.Generator().manual_seed(size))
+        with torch_threads(threads), torch.no_grad():
+            out = ours(sample, 999)
+            expected = ref(sample, 999).sample
+        assert torch.equal(out, expected), (size, (out - expected).abs().max().item())
+        assert expected.abs().max() > 0.1
 
 
 def test_super_res_round_trip_through_diffusers(super_res_pair, tmp_path):

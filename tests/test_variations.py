@@ -2,7 +2,8 @@
 
 The cascade is saved like Karlo's image-variation release (image_encoder/, feature_extractor/ with the
 legacy openai-style preprocessor_config.json, no prior) and loaded back with `Pipeline.from_pretrained`, so
-the loader is covered too. Same weights, arguments and CPU generator seed -> same images (fp32, max |Δ| 1e-4).
+the loader is covered too. Same weights, arguments and CPU generator seed -> same images (fp32, max |Δ| 1e-4),
+at 1, 2 and the default number of intra-op threads (the same count on both sides).
 """
 import copy
 import dataclasses
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 import unclip
-from helpers import diffusers_unclip_pipeline, max_rel_err
+from helpers import THREAD_COUNTS, diffusers_unclip_pipeline, max_rel_err, torch_threads
 from unclip.presets import build_components, build_preset, preset_configs
 
 TOL = 1e-4
@@ -93,11 +94,13 @@ def test_encode_image_matches_transformers(pair):
     dict(image=IMAGES, decoder_guidance_scale=1.0),
     dict(image=IMAGES[1], num_images_per_prompt=3, decoder_guidance_scale=3.0),
 ], ids=["single", "batch_and_images_per_prompt", "guidance_off", "images_per_prompt"])
-def test_matches_diffusers(pair, kwargs):
+@pytest.mark.parametrize("threads", THREAD_COUNTS, ids=lambda n: f"{n}threads")
+def test_matches_diffusers(pair, kwargs, threads):
     ours, theirs = pair
-    a = ours.variations(generator=torch.Generator().manual_seed(7), output_type="np", progress=False, **STEPS,
-                        **kwargs).images
-    b = theirs(generator=torch.Generator().manual_seed(7), output_type="np", **STEPS, **kwargs).images
+    with torch_threads(threads):
+        a = ours.variations(generator=torch.Generator().manual_seed(7), output_type="np", progress=False, **STEPS,
+                            **kwargs).images
+        b = theirs(generator=torch.Generator().manual_seed(7), output_type="np", **STEPS, **kwargs).images
     _assert_same_images(a, b)
 
 
@@ -149,7 +152,7 @@ def test_outputs_and_return_types(pair):
     (dict(image="cat.png"), TypeError, "image must be a PIL.Image"),
     (dict(image_embeddings=torch.zeros(1, 31)), ValueError, r"image_embeddings must have shape \(batch, 32\)"),
     (dict(image_embeddings=torch.full((1, 32), float("nan"))), ValueError, "image_embeddings contains NaN"),
-    (dict(pixel_values=torch.zeros(1, 3, 16, 16)), ValueError, "preprocessed to"),
+    (dict(pixel_values=torch.zeros(1, 3, 16, 16)), ValueError, r"pixel_values must have shape \(B, 3, 32, 32\); got \(1, 3, 16, 16\)"),
     (dict(image=IMAGES[0], num_images_per_prompt=0), ValueError, "num_images_per_prompt must be in"),
     (dict(image=IMAGES[0], decoder_guidance_scale=float("inf")), ValueError, "decoder_guidance_scale must be finite"),
     (dict(image=IMAGES[0], output_type="jpg"), ValueError, "output_type must be one of"),
@@ -171,7 +174,7 @@ def test_presets_have_image_encoders():
     for name in ("karlo", "dalle2"):
         c = build_preset(name, device="meta")
         vision = c.image_encoder.config
-        # CLIP ViT-L/14 (DESIGN §2): 24 layers × 1024 wide, 16 heads, 224² in 14² patches, projected to 768.
+        # CLIP ViT-L/14 (docs/architecture.md): 24 layers × 1024 wide, 16 heads, 224² in 14² patches, projected to 768.
         assert (vision.num_hidden_layers, vision.hidden_size, vision.num_attention_heads, vision.image_size,
                 vision.patch_size, vision.projection_dim) == (24, 1024, 16, 224, 14, 768)
         assert vision.projection_dim == c.text_encoder.config.projection_dim == c.text_proj.config.clip_embeddings_dim

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from unclip import shapes
 from unclip.config import Config
-from unclip.loading import _model_classes
+from unclip.loading import model_classes
 from unclip.samplers import alphas_cumprod_for, betas_for
-from unclip.tokenizer import learn_bpe
+from unclip.tokenizer import CLIPTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSET_DIR = os.path.join(REPO, "engine", "assets", "toy")
@@ -83,7 +83,7 @@ def super_res_config() -> dict:
             "add_attention": False, "norm_num_groups": 8}
 
 
-# Scheduler settings of each stage (Karlo's, DESIGN §2); written into the assembled folder.
+# Scheduler settings of each stage (Karlo's, docs/architecture.md); written into the assembled folder.
 PRIOR_SCHEDULER = {"variance_type": "fixed_small_log", "prediction_type": "sample", "clip_sample": True,
                    "clip_sample_range": 5.0}
 DECODER_SCHEDULER = {"variance_type": "learned_range", "prediction_type": "epsilon", "clip_sample": True,
@@ -129,7 +129,7 @@ IMAGE_PROCESSOR_CONFIG = {
 
 def build(kind: str, cfg: dict, seed: int) -> torch.nn.Module:
     """A freshly initialised fp32 network of the engine's class for component `kind`."""
-    cls = _model_classes()[kind][1]
+    cls = model_classes()[kind][1]
     torch.manual_seed(seed)
     model = cls(cls.config_class.from_config(Config(cfg, f"toy {kind} config")))
     with torch.no_grad():
@@ -151,8 +151,12 @@ def count_params(model: torch.nn.Module) -> int:
 # ------------------------------------------------------------------------------------------ tokenizer, captions
 
 def build_tokenizer():
-    """BPE over every caption of the world (every word ends up one token); deterministic."""
-    return learn_bpe(shapes.all_captions(), num_merges=4000)
+    """BPE over every caption of the world (every word ends up one token); deterministic.
+
+    The shipped toy's tokenizer (engine/assets/toy/tokenizer) came from the engine's earlier hand-written
+    trainer: the same 86 merges' worth of vocabulary (600 ids) but another merge order, so a fresh run here
+    numbers the tokens differently and must train every network (train_all.py does)."""
+    return CLIPTokenizer.train(shapes.all_captions(), num_merges=4000)
 
 
 ATTR_VALUES = {"colour": tuple(shapes.COLOURS), "shape": shapes.SHAPES, "size": shapes.SIZES,

@@ -49,7 +49,8 @@ def evaluate(decoder, text_proj, image, table, features, seed: int, n: int = 32,
     results: per-attribute accuracy of the decoder alone."""
     from unclip import samplers
     from unclip.loading import SchedulerConfig
-    from unclip.sampling import guided, run_loop
+    from unclip.runner import Networks, denoiser, run_loop
+    from unclip.stages import Stage
     scenes = shapes.sample_scenes(n, seed)
     _, im32 = C.render_batch(scenes)
     z = image(im32)[0]
@@ -62,8 +63,9 @@ def evaluate(decoder, text_proj, image, table, features, seed: int, n: int = 32,
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, C.BASE_SIZE, C.BASE_SIZE, generator=g)
     noise = [torch.randn(x.shape, generator=g) if d else None for d in plan.draws_noise]
-    call = lambda x2, t, i: decoder(x2, t, context, time_embed, mask)  # noqa: E731
-    x = run_loop(plan, x, guided(call, scale, learned_variance_channels=3), noise).clamp(-1, 1)
+    stage = Stage("decoder", "decoder", plan, x, noise, {"context": context, "time_embed": time_embed, "mask": mask},
+                  ("decoder",), scale, torch.float32, learned_variance_channels=3)
+    x = run_loop(stage, denoiser(stage, Networks({"decoder": decoder}))).clamp(-1, 1)
     images = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     judged = shapes.judge_batch(images)
     acc = {a: sum(getattr(j, a) == getattr(s, a) for j, s in zip(judged, scenes)) / n for a in shapes.ATTRIBUTES}

@@ -50,7 +50,8 @@ def evaluate(prior, text, image, table, tokenizer, seed: int, n: int = 60) -> di
     25 steps) and classify them zero-shot against every full caption: per-attribute agreement."""
     from unclip import samplers
     from unclip.loading import SchedulerConfig
-    from unclip.sampling import guided, run_loop
+    from unclip.runner import Networks, denoiser, run_loop
+    from unclip.stages import Stage
     scenes = shapes.sample_scenes(n, seed)
     prompts = [shapes.caption(s) for s in scenes]
     tok = tokenizer(prompts + [""])
@@ -63,7 +64,9 @@ def evaluate(prior, text, image, table, tokenizer, seed: int, n: int = 60) -> di
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, prior.config.embedding_dim, generator=g)
     noise = [torch.randn(x.shape, generator=g) if d else None for d in plan.draws_noise]
-    x = run_loop(plan, x, guided(lambda x2, t, i: prior(x2, t, *both), 4.0), noise)
+    stage = Stage("prior", "prior", plan, x, noise, dict(zip(("text_embeds", "text_hidden", "text_mask"), both)),
+                  ("prior",), 4.0, torch.float32)
+    x = run_loop(stage, denoiser(stage, Networks({"prior": prior})))
     z = F.normalize(prior.post_process_latents(x), dim=-1)
     full = [i for i, codes in enumerate(table.codes.tolist()) if -1 not in codes]
     t_full = F.normalize(text(table.ids[full])[0], dim=-1)

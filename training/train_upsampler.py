@@ -52,7 +52,8 @@ def evaluate(sr, seed: int, n: int = 32, steps: int = 7) -> dict:
     accuracy of the 64×64 results and their PSNR against the true renders."""
     from unclip import samplers
     from unclip.loading import SchedulerConfig
-    from unclip.sampling import run_loop
+    from unclip.runner import Networks, denoiser, run_loop
+    from unclip.stages import Stage
     scenes = shapes.sample_scenes(n, seed)
     x64, x32 = C.render_batch(scenes)
     up = upsample(x32)
@@ -60,7 +61,9 @@ def evaluate(sr, seed: int, n: int = 32, steps: int = 7) -> dict:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(x64.shape, generator=g)
     noise = [torch.randn(x.shape, generator=g) if d else None for d in plan.draws_noise]
-    x = run_loop(plan, x, lambda xt, t, i: sr(torch.cat([xt, up], 1), t), noise).clamp(-1, 1)
+    stage = Stage("super_res", "super_res", plan, x, noise, {"upscaled": up}, ("super_res.first", "super_res.last"),
+                  None, torch.float32)
+    x = run_loop(stage, denoiser(stage, Networks({"super_res.first": sr, "super_res.last": sr}))).clamp(-1, 1)
     mse = ((x - x64) ** 2).mean().item() / 4  # in [0, 1] units
     images = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     judged = shapes.judge_batch(images)

@@ -63,6 +63,10 @@ class _TowerConfig:
     shared encoder, the unknown-key check and `to_dict`. Subclasses are frozen dataclasses that set
     CLASS_NAME and MODEL_TYPE."""
 
+    # Size keys both towers share, and which `unclip.config.LIMITS` bound each (checked before building).
+    SIZE_LIMITS = {"hidden_size": "width", "intermediate_size": "mlp_width", "projection_dim": "width",
+                   "num_hidden_layers": "layers", "num_attention_heads": "width"}
+
     @classmethod
     def _read_encoder_fields(cls, cfg: Config) -> dict:
         """Check the keys that name the model, then read the encoder fields both towers have (as keyword
@@ -143,6 +147,7 @@ class CLIPTextConfig(_TowerConfig):
             pad_token_id=cfg.get("pad_token_id", d.pad_token_id, types=(int, type(None))),
         )
         cls._reject_unknown(cfg)
+        cfg.check_limits(config, {**cls.SIZE_LIMITS, "vocab_size": "vocab", "max_position_embeddings": "tokens"})
         return config
 
 
@@ -187,6 +192,7 @@ class CLIPVisionConfig(_TowerConfig):
                      image_size=image_size, patch_size=patch_size)
         # Older full dumps give the vision tower null token ids; nothing reads them.
         cls._reject_unknown(cfg, also_ignored=("bos_token_id", "eos_token_id", "pad_token_id"))
+        cfg.check_limits(config, {**cls.SIZE_LIMITS, "num_channels": "io_channels", "image_size": "sample_size"})
         return config
 
 

@@ -12,18 +12,39 @@ from torch import nn
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                         key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + mask)·v for q (B, H, Lq, D), k/v (B, H, Lk, D).
+    """softmax(q·kᵀ·scale + mask)·v for q (B, H, Lq, D), k/v (B, H, Lk, D): the one attention reference.
 
-    `causal`: query i sees keys j <= i (top-left aligned). `key_padding_mask`: bool (B, Lk), True = attend.
+    The torch modules, the Triton kernel (`unclip.kernels.attention`, whose tests and custom-op CPU path use
+    this function) and the ONNX export form (`unclip.export.onnx.attention_for_export`) all follow it.
+
+    - `causal`: query i sees keys j <= i (top-left aligned, also when Lq != Lk).
+    - `key_padding_mask`: bool (B, Lk) or (1, Lk), True = attend.
+    - `scale`: default 1/sqrt(D).
+    - A query row that sees no key at all (all its keys padded, causal with every key up to its position
+      padded, or Lk = 0) outputs zeros, not NaN and not an average of the values.
+
+    The cascades never produce such a row: CLIP's text tower is causal without padding (each row sees
+    key 0); the prior's text mask always keeps the start token at position 0 and its 4 trailing tokens
+    are never padded; the decoder's pixels are keys that are never masked (and its 4 image tokens always
+    visible); the super-resolution and image-tower attentions have no mask. The rule matters for direct
+    calls and for masks a caller builds.
+
+    Every other row is exactly PyTorch's scaled_dot_product_attention, as diffusers and transformers call
+    it (bit-identical on the CPU at any thread count): causal without a padding mask runs SDPA's own causal
+    path (`is_causal`, as transformers' CLIP text tower does); a padding mask is passed as a boolean mask;
+    the zero rule is a `where` on "row sees any key", which leaves the other rows untouched.
     """
-    mask = None
-    if key_padding_mask is not None:
-        mask = key_padding_mask[:, None, None, :].to(torch.bool)
+    len_q, len_k = q.shape[-2], k.shape[-2]
+    if len_k == 0:
+        return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    if key_padding_mask is None:  # every row sees key 0 (causal or not): no empty row
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    visible = key_padding_mask[:, None, None, :].to(torch.bool)
     if causal:
-        lq, lk = q.shape[-2], k.shape[-2]
-        tri = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-        mask = tri if mask is None else mask & tri
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        visible = visible & torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+    # Recent CPU SDPA already returns zeros for rows that see nothing, other versions and backends NaN: pin.
+    return torch.where(visible.any(dim=-1, keepdim=True), out, 0.0)
 
 
 class Attend(nn.Module):

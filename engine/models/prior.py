@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import LIMITS, Config
 from .layers import Attend
 
 # Activations diffusers accepts for `time_embed_act_fn` (it lower-cases the name first).
@@ -91,6 +91,14 @@ class PriorConfig:
             clip_embed_dim=optional_dim("clip_embed_dim"),
         )
         cfg.reject_unknown(asdict(config).keys())
+        cfg.check_limits(config, {"num_attention_heads": "width", "attention_head_dim": "width",
+                                  "num_layers": "layers", "embedding_dim": "width", "num_embeddings": "tokens",
+                                  "time_embed_dim": "width", "embedding_proj_dim": "width",
+                                  "clip_embed_dim": "width"})
+        if config.num_attention_heads * config.attention_head_dim > LIMITS["width"]:
+            raise cfg.error("num_attention_heads", f"× attention_head_dim = {config.num_attention_heads} × "
+                                                   f"{config.attention_head_dim} exceeds this engine's bound "
+                                                   f"{LIMITS['width']} on the attention width")
         return config
 
     def to_dict(self) -> dict:
@@ -277,9 +285,10 @@ class PriorTransformer(nn.Module):
         # score gap, so each masked key gets weight 0, and the unmasked keys keep their usual softmax: the
         # same as a boolean mask, PROVIDED the row has at least one unmasked key. Every row whose output
         # matters has one: a real text token sees itself, and the 4 trailing tokens are never padding, so
-        # the only rows that can be fully masked are padded text positions before the first real token -
-        # and a padded position is masked as a key for every query, so nothing ever reads its value.
-        # (Attention backends must still keep such rows finite; PyTorch's SDPA returns 0 for them.)
+        # the only rows that can be fully masked are padded text positions before the first real token
+        # (none with the tokenizer's masks, whose start token at position 0 is always real) - and a padded
+        # position is masked as a key for every query, so nothing ever reads its value. Such rows get
+        # zeros, the attention rule of `layers.attention_reference`.
         key_padding_mask = torch.cat(
             [attention_mask.to(torch.bool), attention_mask.new_ones(batch, c.additional_embeddings, dtype=torch.bool)],
             dim=1)
@@ -288,8 +297,10 @@ class PriorTransformer(nn.Module):
             x = self.norm_in(x)
         for block in self.transformer_blocks:
             x = block(x, key_padding_mask)
-        # Only the last (prd) token is read out; LayerNorm is per token, so normalise just that one.
-        return self.proj_to_clip_embeddings(self.norm_out(x[:, -1]))
+        # Only the last (prd) token is read out. Normalising every token and then slicing, as diffusers does,
+        # costs one LayerNorm over the sequence but hands the output projection the same strided (B, inner)
+        # rows, so the BLAS call (and its rounding, at any thread count) is the same as there.
+        return self.proj_to_clip_embeddings(self.norm_out(x)[:, -1])
 
     def post_process_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Map a normalised prediction back to CLIP image-embedding space."""

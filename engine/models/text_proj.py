@@ -33,6 +33,8 @@ class TextProjConfig:
             clip_embeddings_dim=cfg.get_int("clip_embeddings_dim", 768, min_value=1),
         )
         cfg.reject_unknown(asdict(config).keys())
+        cfg.check_limits(config, {"time_embed_dim": "width", "cross_attention_dim": "width",
+                                  "clip_extra_context_tokens": "tokens", "clip_embeddings_dim": "width"})
         return config
 
     def to_dict(self) -> dict:

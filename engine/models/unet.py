@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import LIMITS, Config
 from .layers import GroupNorm
 from .unet_blocks import (ATTENTION_NORM_EPS, CONTEXT_NORM_GROUPS, DownBlock, MidBlock, TimestepMLP, UpBlock,
                           sinusoidal_embedding, timesteps_for_batch)
@@ -302,6 +302,12 @@ class ConditionalUNetConfig:
         )
         known = set(cls.__dataclass_fields__) | set(cls.PINNED) | {"only_cross_attention"}
         cfg.reject_unknown(known, cls.IGNORED)
+        cfg.check_limits(config, {"sample_size": "sample_size", "in_channels": "io_channels",
+                                  "out_channels": "io_channels", "block_out_channels": "width",
+                                  "layers_per_block": "layers", "attention_head_dim": "width",
+                                  "cross_attention_dim": "width", "time_embedding_dim": "width"})
+        if n > LIMITS["blocks"]:
+            raise cfg.error("block_out_channels", f"has {n} blocks, more than this engine's bound {LIMITS['blocks']}")
         return config
 
     def to_dict(self) -> dict:
@@ -505,6 +511,12 @@ class SuperResUNetConfig:
         )
         known = set(cls.__dataclass_fields__) | set(cls.PINNED) | {"down_block_types", "up_block_types"}
         cfg.reject_unknown(known, cls.IGNORED)
+        cfg.check_limits(config, {"sample_size": "sample_size", "in_channels": "io_channels",
+                                  "out_channels": "io_channels", "block_out_channels": "width",
+                                  "layers_per_block": "layers", "attention_head_dim": "width",
+                                  "time_embedding_dim": "width"})
+        if n > LIMITS["blocks"]:
+            raise cfg.error("block_out_channels", f"has {n} blocks, more than this engine's bound {LIMITS['blocks']}")
         return config
 
     def to_dict(self) -> dict:

@@ -135,6 +135,23 @@ class ResnetBlock(nn.Module):
 
 # --------------------------------------------------------------------------------------------- attention
 
+def linear_like_diffusers(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for a (B, L, C) x of any strides, computed with the same kernel calls as in diffusers.
+
+    For a non-contiguous 3-D input PyTorch's matmul picks its kernel by whether the weight requires grad:
+    diffusers' (trainable) weights make it copy x into contiguous (B·L, C) rows, run one mm and add the bias;
+    our frozen weights would make it run a batched mm over the strided view instead. The two round
+    differently, depending on the shape and on the thread count (MKL chooses its kernels and how it splits
+    the work by both: e.g. 2x2 maps differ at any thread count, 8x8 maps at 1280 channels only with more
+    than one thread), and Karlo's t = 999 steps amplify one-ulp differences into visible ones. So for such
+    inputs this spells out diffusers' calls; a contiguous input takes F.linear's fused addmm, as there.
+    """
+    if x.dim() != 3 or x.is_contiguous():
+        return layer(x)
+    out = torch.mm(x.reshape(-1, x.shape[-1]), layer.weight.t()).view(*x.shape[:-1], layer.out_features)
+    return out if layer.bias is None else out + layer.bias
+
+
 class PixelAttention(nn.Module):
     """Multi-head self-attention over the pixels of a feature map, with a residual connection.
 
@@ -182,14 +199,15 @@ class PixelAttention(nn.Module):
         # ā ≈ 2e-9) amplifies even one-ulp differences into visible ones.
         h = x.flatten(2)
         h = self.group_norm(h) if self.group_norm is not None else h
-        h = h.transpose(1, 2)  # (B, HW, C)
-        q, k, v = self._heads(self.to_q(h)), self._heads(self.to_k(h)), self._heads(self.to_v(h))
+        h = h.transpose(1, 2)  # (B, HW, C), usually a strided view: projected as diffusers does (see there)
+        q, k, v = (self._heads(linear_like_diffusers(proj, h)) for proj in (self.to_q, self.to_k, self.to_v))
         key_padding_mask = None
         if self.add_k_proj is not None:
             if self.norm_cross is not None:
                 context = self.norm_cross(context.transpose(1, 2)).transpose(1, 2)
-            k = torch.cat([self._heads(self.add_k_proj(context)), k], dim=2)  # context first, then pixels
-            v = torch.cat([self._heads(self.add_v_proj(context)), v], dim=2)
+            # context first, then pixels (after norm_cross, context is a strided view too)
+            k = torch.cat([self._heads(linear_like_diffusers(self.add_k_proj, context)), k], dim=2)
+            v = torch.cat([self._heads(linear_like_diffusers(self.add_v_proj, context)), v], dim=2)
             if context_mask is not None:
                 # diffusers adds (1 - mask)·(-10000) to the logits. A boolean mask gives the same result in
                 # fp32 (and fp16/bf16): softmax subtracts the row maximum, which is at least the largest
