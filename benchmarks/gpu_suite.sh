@@ -170,9 +170,9 @@ plan_check() {  # the GPU plan against the limits; prints it, returns 1 if it do
   fi
   if [ "$total" -gt "$COMMAND_LIMIT" ] || [ "$total" -gt "$WINDOW_LIMIT" ]; then
     echo "  gpu plan: FAILS: ${total}s exceeds the per-command limit ${COMMAND_LIMIT}s or the window's ${WINDOW_LIMIT}s"; fits=1
-  else
-    echo "  gpu plan: fits: ${total}s <= ${COMMAND_LIMIT}s per command <= ${WINDOW_LIMIT}s (11 min of the 15-min window)"
   fi
+  [ "$fits" -eq 0 ] && \
+    echo "  gpu plan: fits: ${total}s <= ${COMMAND_LIMIT}s per command <= ${WINDOW_LIMIT}s (11 min of the 15-min window)"
   return $fits
 }
 

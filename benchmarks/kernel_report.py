@@ -652,6 +652,14 @@ def toolchain(targets) -> str:
     return f"triton {triton.__version__}, ptxas {', '.join(versions)}"
 
 
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """The JSON list, one row a line (diffable), written to a temporary file first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    tmp.replace(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=("tiny",) + PRESETS)
@@ -704,10 +712,7 @@ def main(argv=None) -> int:
     for r in failing:
         print(f"  FAIL {r['target']} {r['kernel']} {r['variant']}: {'; '.join(r['problems'])}", file=sys.stderr)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1) + "\n")
-        tmp.replace(args.out)
+        write_rows(args.out, rows)
     if args.markdown:
         header = (f"{_dt.date.today().isoformat()}, {tools}; scope {args.scope}, presets {', '.join(args.presets)}, "
                   f"image batches {', '.join(map(str, args.batches))}, {', '.join(args.dtypes)}: {len(rows)} compiled "

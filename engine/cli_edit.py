@@ -16,8 +16,9 @@ def _common(p, *, strength: float, out: str) -> None:
                    help="in (0, 1]: how far into the decoder's schedule to start (1 = from pure noise)")
     add_model_args(p)
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per input")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, nargs=3, metavar=("PRIOR", "DECODER", "SUPER_RES"), default=(25, 25, 7))
+    p.add_argument("--seed", type=int, default=0, help="seed of the CPU generator every random draw comes from")
+    p.add_argument("--steps", type=int, nargs=3, metavar=("PRIOR", "DECODER", "SUPER_RES"), default=(25, 25, 7),
+                   help="sampling steps of the prior, the decoder and each upsampler")
     p.add_argument("--guidance", type=float, nargs=2, metavar=("PRIOR", "DECODER"), default=None,
                    help="guidance scales (default: the model's own; 4 8 for Karlo)")
     p.add_argument("--out", default=out, help="output PNG; with -n > 1, NAME-0.png, NAME-1.png, ...")

@@ -13,26 +13,27 @@ COMMANDS = ("serve",)
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve images over HTTP (batching stages across requests)",
                               description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a diffusers-layout unCLIP folder (e.g. Karlo v1 alpha)")
-    src.add_argument("--preset", default=None, help="toy (the default) | random weights: tiny | karlo | dalle2")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--backend", default="torch")
+    from .cli_common import add_model_args
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 1..65535")
     p.add_argument("--max-batch", type=int, default=8, help="most images one stage batch runs")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; beyond it: 429")
     p.add_argument("--timeout", type=float, default=None, help="per-request time limit in seconds (504 after)")
     p.add_argument("--batch-window", type=float, default=0.02,
                    help="seconds a first-stage batch that is not full waits for more requests")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level")
 
 
 def run(args) -> int:
+    from .cli_common import check_backend, check_device, choose_backend
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535; got {args.port}")
+    device = check_device(args.device)
+    args.backend = choose_backend(args)
+    check_backend(args.backend, device)
     try:
         import prometheus_client  # noqa: F401
         import starlette  # noqa: F401

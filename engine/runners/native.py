@@ -168,8 +168,9 @@ class NativeRunner(Runner):
     def run(self, stage, networks, observer=None):
         from ..samplers import DDIMPlan, DDPMPlan
         cascade = getattr(networks, "cascade", None)
-        if cascade is None or not isinstance(stage.plan, (DDPMPlan, DDIMPlan)):
-            return super().run(stage, networks, observer)  # e.g. DDIM inversion: the Python loop over the packages
+        if cascade is None or not isinstance(stage.plan, (DDPMPlan, DDIMPlan)) or stage.has_known_region:
+            # e.g. DDIM inversion, inpainting's known region: the Python loop over the same packages
+            return super().run(stage, networks, observer)
         rows = stage.latents.shape[0] * (2 if stage.guidance is not None else 1)
         if rows > cascade.max_batch:
             raise ValueError(f"stage {stage.name!r} needs network batches of {rows} rows"
