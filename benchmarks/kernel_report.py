@@ -22,7 +22,9 @@ group_norm_launch_config). To cover what they can pick at the presets' shapes, t
 Measured per variant and target: registers per thread and spill stores/loads (ptxas -v, via Triton's
 ptxas log), shared memory per block (the kernel's `shared` metadata; Triton allocates it dynamically, so it
 is the launch's whole requirement) and the theoretical occupancy (LIMITS below). --check exits 1 if any
-variant fails to compile, spills, or exceeds the target's shared memory per block (tests/test_kernel_report.py).
+variant fails to compile, spills (except a few bytes ptxas parks outside every loop, see problems()), or
+exceeds the target's shared memory per block (tests/test_kernel_report.py). --scope calls restricts step 2 to
+the calls themselves (the CI set).
 
 Needs Triton with its NVIDIA backend (the wheel ships ptxas); no GPU, no CUDA driver. TRITON_INTERPRET is
 removed from the compiling workers' environment, so the script also works where the tests set it.
@@ -34,6 +36,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import importlib
+import inspect
 import io
 import json
 import multiprocessing
@@ -49,7 +52,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("karlo", "dalle2", "toy")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",
@@ -254,28 +256,28 @@ def collect_sites(preset: str) -> dict:
 
 def _variants_of(site):
     """The call site itself plus what the launchers may also be asked at its shapes: attention with and
-    without a key padding mask; group norm with and without SiLU and scale-shift, NCHW and channels-last."""
+    without a key padding mask; group norm with and without SiLU and scale-shift, NCHW and channels-last.
+    In a fixed order (lists, not sets), so the report's examples are the same on every run."""
+    def unique(items):
+        return list(dict.fromkeys(items))
+
     if isinstance(site, AttentionSite):
         batch, len_k = site.q.shape[0], site.k.shape[2]
-        masks = {site.mask, None, TensorSpec((batch, len_k), (len_k, 1))}
+        masks = unique([site.mask, None, TensorSpec((batch, len_k), (len_k, 1))])
         return [dataclasses.replace(site, mask=m) for m in masks]
-    out = []
     x = site.x
+    b, c = x.shape[:2]
+    layouts = [x]
     if len(x.shape) >= 3:
-        b, c, rest = x.shape[0], x.shape[1], x.shape[2:]
-        spatial = 1
-        for s in rest:
-            spatial *= s
-        inner = [1] * len(rest)
+        rest = x.shape[2:]
+        inner = [1] * len(rest)  # contiguous strides of the spatial dims
         for i in range(len(rest) - 2, -1, -1):
             inner[i] = inner[i + 1] * rest[i + 1]
-        channels_last = TensorSpec(x.shape, (c * spatial, 1) + tuple(st * c for st in inner))
-        contiguous = TensorSpec(x.shape, (c * spatial, spatial) + tuple(inner))
-        layouts = {x, channels_last, contiguous}
-    else:
-        layouts = {x}
-    b, c = x.shape[:2]
+        spatial = inner[0] * rest[0]
+        layouts = unique([x, TensorSpec(x.shape, (c * spatial, spatial) + tuple(inner)),
+                          TensorSpec(x.shape, (c * spatial, 1) + tuple(st * c for st in inner))])  # channels-last
     chunked = (TensorSpec((b, c), (2 * c, 1), 0), TensorSpec((b, c), (2 * c, 1), c))  # a (B, 2C) chunk
+    out = []
     for layout in layouts:
         for silu in (False, True):
             for ss in ((site.scale, site.shift) if site.scale is not None else chunked, (None, None)):
@@ -315,7 +317,7 @@ def describe(site, n: int, dtype_name: str) -> str:
 
 # -------------------------------------------------------------------------------------- specializations
 
-def _specialize(value, dtype_of_tensor=None):
+def _specialize(value):
     """(type, attribute) as Triton's JIT specializes an argument (triton 3.x): tensors -> "*<dtype>" and
     "D" when 16-byte aligned (the allocator aligns storage; views add offset·itemsize); ints equal to 1
     become the constexpr 1, other ints i32 (i64 beyond int32) with "D" when divisible by 16; floats fp32."""
@@ -370,9 +372,9 @@ class CompileSpec:
 
 
 def spec_of(launch, target: str) -> CompileSpec:
+    """The compilation a recorded launch (unclip.kernels.KernelLaunch) needs on `target`."""
     fn = launch.kernel
     fn = getattr(fn, "fn", fn)  # InterpretedFunction / JITFunction -> the Python function
-    import inspect
     params = list(inspect.signature(fn).parameters)
     names = [p for p in params if p not in launch.kwargs]
     if len(names) != len(launch.args):

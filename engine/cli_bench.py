@@ -306,9 +306,9 @@ def run(args) -> int:
     if args.json == "-":
         print(text)
     elif args.json:
+        from .files import atomic_write_text
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        atomic_write_text(args.json, text + "\n")
     if args.json != "-":
         print(_table(report))
         if args.profile:

@@ -78,18 +78,21 @@ class Pipeline:
         components.source = f"preset {name}" + ("" if name == "toy" else f" (seed {seed})")
         return cls(components, device=device, dtype=dtype, backend=backend, runner_options=runner_options)
 
-    def save_pretrained(self, path: str, dtype=None) -> None:
+    def save_pretrained(self, path: str, dtype=None, *, overwrite: bool = False) -> None:
         """Write the cascade to the folder `path` in the diffusers layout, atomically (a staging folder renamed
         into place; an existing model folder is replaced only when the new one is complete).
 
-        dtype: store the weights in this dtype (default: as held).
+        dtype: store the weights in this dtype (default: as held). overwrite: also replace a non-empty folder
+        that is not a model folder (otherwise refused).
 
         The folder loads here and in diffusers 0.42's `UnCLIPPipeline.from_pretrained` (tests/test_readme.py:
         the same images at the same seed, fp32 CPU, max |Δ| ≤ 1e-4); each component folder also loads alone
         in diffusers/transformers. `model_index.json` names text_proj's library as the module diffusers 0.42
         keeps `UnCLIPTextProjModel` in (see the README). Returns None; FileExistsError when `path` is a file or
-        a non-empty folder that is not a model folder."""
-        save_components(self.components, str(path), dtype=None if dtype is None else resolve_dtype(dtype))
+        a non-empty folder that is not a model folder (unless `overwrite`)."""
+        from .request import check_bool
+        save_components(self.components, str(path), dtype=None if dtype is None else resolve_dtype(dtype),
+                        overwrite=check_bool("overwrite", overwrite))
 
     # ------------------------------------------------------------------ properties
     @property

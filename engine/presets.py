@@ -121,7 +121,7 @@ def preset_configs(name: str) -> dict:
         return {
             "text_encoder": _clip_text(49408, 768, 12, 12, 768),
             "prior": _prior(32, 64, 20, 768),
-            "text_proj": _text_proj(768, 1536, 1536),
+            "text_proj": _text_proj(768, 1280, 1536),  # time_embed_dim = 4 × the decoder's 320 base channels
             "decoder": _decoder(64, (320, 640, 960, 1280), 3, 1536, 64),
             "super_res": [_super_res(256, (320, 640, 960, 1280), 3)],
             "image_encoder": _clip_vision(1024, 24, 16, 768, 224, 14),  # CLIP ViT-L/14 (docs/architecture.md)

@@ -314,3 +314,20 @@ def test_non_finite_values_name_the_stage_including_post_processing():
         c.upsamplers[0].last.conv_out.bias.fill_(float("nan"))  # (inf would be clipped away in x0)
     with pytest.raises(unclip.NonFiniteError, match="stage 'super_res'"):
         _call(unclip.Pipeline(c))
+
+
+@pytest.mark.parametrize("name", ["karlo", "dalle2"])
+def test_large_presets_wire_text_proj_into_the_decoder(name):
+    """On the meta device (no memory): text_proj's outputs have the shapes the preset's decoder takes (karlo's
+    time embedding is 4 × the decoder's 320 base channels = 1280, its context 1536 wide)."""
+    from unclip.presets import build_preset
+    c = build_preset(name, device="meta")
+    dim = c.text_proj.config.clip_embeddings_dim
+    text = c.text_encoder.config
+    with torch.device("meta"):
+        context, time_embed = c.text_proj(torch.empty(2, dim), torch.empty(4, text.projection_dim),
+                                          torch.empty(4, 77, text.hidden_size), True)
+        size = c.decoder.config.sample_size
+        mask = torch.ones(4, context.shape[1], dtype=torch.bool)
+        out = c.decoder(torch.empty(4, 3, size, size), torch.tensor(999), context, time_embed, mask)
+    assert out.shape == (4, 6, size, size)
