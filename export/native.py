@@ -38,6 +38,7 @@ from ..config import Config, ConfigError
 from ..files import discard_dir, make_staging_dir, replace_dir
 from ..weights import write_json
 from .onnx import export_friendly, graph_specs, sha256_file
+from .onnx import prepare_out as onnx_prepare_out
 
 FORMAT = "unclip-native"
 FORMAT_VERSION = 1
@@ -151,20 +152,8 @@ def check_max_batch(max_batch) -> int:
 
 
 def prepare_out(out, overwrite: bool) -> str:
-    """`out` as an absolute path, refused (before any work) if it holds something other than a native export,
-    or an export and not `overwrite`."""
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise FileExistsError(f"out: {out} exists and is not a folder")
-        entries = os.listdir(out)
-        if entries and not os.path.isfile(os.path.join(out, MANIFEST)):
-            raise FileExistsError(f"out: {out} exists and is not an unclip native export (no {MANIFEST}); "
-                                  "choose a new folder")
-        if entries and not overwrite:
-            raise FileExistsError(f"out: {out} already holds an export; pass overwrite=True (--overwrite) to "
-                                  "replace it")
-    return out
+    """`out` refused (before any work) if it holds something other than a native export (see onnx.prepare_out)."""
+    return onnx_prepare_out(out, overwrite, kind="native")
 
 
 def export_native(source, out, *, device="cpu", dtype="fp32", max_batch: int = DEFAULT_MAX_BATCH,

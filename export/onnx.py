@@ -467,14 +467,16 @@ def resolve_dtype(dtype) -> tuple[str, torch.dtype]:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
 
 
-def prepare_out(out: str, overwrite: bool) -> str:
+def prepare_out(out: str, overwrite: bool, *, kind: str = "ONNX") -> str:
+    """`out` as an absolute path, refused (before any work) if it holds something other than an unclip `kind`
+    export (every export folder has a manifest.json), or an export and not `overwrite`."""
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise FileExistsError(f"out: {out} exists and is not a folder")
         entries = os.listdir(out)
         if entries and not os.path.isfile(os.path.join(out, MANIFEST)):
-            raise FileExistsError(f"out: {out} exists and is not an unclip ONNX export (no {MANIFEST}); "
+            raise FileExistsError(f"out: {out} exists and is not an unclip {kind} export (no {MANIFEST}); "
                                   "choose a new folder")
         if entries and not overwrite:
             raise FileExistsError(f"out: {out} already holds an export; pass overwrite=True (--overwrite) to "
