@@ -263,6 +263,16 @@ def run_facts(args, pipe, source: dict) -> dict:
             "backend": args.backend, "device": str(pipe.device), "dtype": args.dtype}
 
 
+def open_image(path: str, name: str):
+    """The image file `path` read whole into memory (PIL); OSError naming the argument when it is missing."""
+    from PIL import Image
+    if not os.path.isfile(path):
+        raise OSError(f"{name}: image file not found: {path}")
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
+
+
 def save_png(image, path: str, metadata: dict) -> None:
     """Write one PNG atomically with `metadata` as JSON text under the key "unclip", and print its path."""
     from PIL.PngImagePlugin import PngInfo

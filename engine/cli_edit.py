@@ -47,24 +47,15 @@ def add_parser(sub) -> None:
     _common(g, strength=0.6, out="img2img.png")
 
 
-def _open_image(path: str, name: str):
-    from PIL import Image
-    if not os.path.isfile(path):
-        raise OSError(f"{name}: image file not found: {path}")
-    with Image.open(path) as image:
-        image.load()
-        return image.copy()
-
-
 def run(args) -> int:
     import torch
 
-    from .cli_common import check_guidance, open_pipeline, output_paths, save_png
+    from .cli_common import check_guidance, open_image, open_pipeline, output_paths, save_png
 
     check_guidance(args.guidance)
     paths = output_paths(args.out, args.num_images)  # before any work
-    image = _open_image(args.image, "image")
-    mask = _open_image(args.mask, "mask") if args.command == "inpaint" else None
+    image = open_image(args.image, "image")
+    mask = open_image(args.mask, "mask") if args.command == "inpaint" else None
     pipe, source = open_pipeline(args)
     guidance = args.guidance or [pipe.call_default("prior_guidance_scale"), pipe.call_default("decoder_guidance_scale")]
     call = dict(negative_prompt=args.negative, strength=args.strength, num_images_per_prompt=args.num_images,

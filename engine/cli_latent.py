@@ -59,20 +59,12 @@ def add_parser(sub) -> None:
             guidance_help="decoder guidance scale, in [0, 100]; 1 (no guidance) inverts and edits best")
 
 
-def _open_image(path: str, name: str):
-    from PIL import Image
-    if not os.path.isfile(path):
-        raise OSError(f"{name}: image file not found: {path}")
-    with Image.open(path) as image:
-        image.load()
-        return image.copy()
-
-
 def _endpoint(value: str, name: str):
     """An existing file is an image; a string that looks like an image file name but is missing is an error
     (a typo should not silently become a prompt); anything else is a prompt."""
     if os.path.isfile(value):
-        return _open_image(value, name), {"image": os.path.abspath(value)}
+        from .cli_common import open_image
+        return open_image(value, name), {"image": os.path.abspath(value)}
     if value.lower().endswith(IMAGE_EXTENSIONS):
         raise OSError(f"{name}: image file not found: {value}")
     return value, {"prompt": value}
@@ -111,7 +103,7 @@ def _write(images: list, paths: list[str], params: dict, extra: list[dict], *, s
 def run(args) -> int:
     import torch
 
-    from .cli_common import check_guidance, command_line, open_pipeline, output_paths, run_facts
+    from .cli_common import check_guidance, command_line, open_image, open_pipeline, output_paths, run_facts
 
     for name in ("guidance", "prior_guidance"):
         value = getattr(args, name, None)
@@ -122,7 +114,7 @@ def run(args) -> int:
              "edit": len(getattr(args, "thetas", ()))}[args.command]
     paths = output_paths(args.out, count, series=args.command != "vary", sheet=True)
     if args.command in ("vary", "edit"):
-        image = _open_image(args.image, "image")
+        image = open_image(args.image, "image")
     else:
         start, start_info = _endpoint(args.start, "start")
         end, end_info = _endpoint(args.end, "end")

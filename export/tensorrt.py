@@ -35,12 +35,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 
 import torch
 
+from ..files import atomic_write_bytes
 from .onnx import ExportError, sha256_file
 
 _log = logging.getLogger(__name__)
@@ -131,17 +131,9 @@ def engine_key(graph_sha256: str, *, tensorrt_version: str, gpu_name: str, compu
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """A cache file written whole or not at all, with the umask's permissions (unclip.files)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_bytes(path, data)
 
 
 def _slug(text: str) -> str:

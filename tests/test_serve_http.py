@@ -166,6 +166,29 @@ def test_200_malformed_requests_leave_the_server_healthy(server):
     assert status == 200 and len(json.loads(raw)["data"]) == 1
 
 
+def test_a_client_that_disconnects_cancels_its_request(server):
+    """The client sends a long request and hangs up at once: the engine cancels it (it never completes as
+    "ok"), and the server keeps answering the next one."""
+    port, engine = server
+    done = lambda: engine.stats.snapshot()["done"]  # noqa: E731
+    before = dict(done())
+    body = json.dumps({"prompt": "a red circle", "n": 4, "steps": [25, 25, 7], "seed": 1}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 60
+        while engine.in_progress + engine.queue_depth == 0:  # accepted: now hang up
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.01)
+    deadline = time.monotonic() + 120
+    while done().get("cancelled", 0) == before.get("cancelled", 0):
+        assert time.monotonic() < deadline, done()
+        time.sleep(0.05)
+    assert done().get("ok", 0) == before.get("ok", 0), done()  # cancelled, not run to the end
+    status, _, raw = request(port, "POST", "/v1/images/generations", {"prompt": "still here", "steps": STEPS})
+    assert status == 200 and len(json.loads(raw)["data"]) == 1
+
+
 def test_metrics_parse_as_prometheus_text(server):
     from prometheus_client.parser import text_string_to_metric_families
     port, _ = server

@@ -9,8 +9,9 @@
 
 Every bad request is a 4xx with an OpenAI-style {"error": {"message", "type", "param"}} body: bad JSON,
 unknown fields, wrong types or ranges (400), a body over 1 MiB (413), a full queue (429), a shut-down engine
-(503), a timed-out request (504). `parse_generation` is the one validation of a request body, shared with
-the Ray Serve deployment (unclip.serve.ray).
+(503), a timed-out request (504). A client that disconnects cancels its request (it leaves the batch at the
+next step boundary). `answer` is the one reading of a request body, shared with the Ray Serve deployment
+(unclip.serve.ray).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import time
 from .engine import MAX_SEED, Engine, EngineClosed, QueueFull
 
 MAX_BODY_BYTES = 1 << 20
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 RESPONSE_FORMATS = ("b64_json",)
 # Fields OpenAI clients send that change nothing here.
 IGNORED_FIELDS = ("model", "user", "quality", "style")
@@ -165,6 +167,41 @@ async def generate(engine: Engine, body) -> dict:
     return await asyncio.to_thread(generation_response, output)
 
 
+async def answer(engine: Engine, raw: bytes) -> tuple[dict, int]:
+    """(response body, HTTP status) for a raw request body: the one reading of a body, shared with the Ray
+    Serve deployment (size, JSON, then `generate`)."""
+    if len(raw) > MAX_BODY_BYTES:
+        return error_body(f"the request body is over {MAX_BODY_BYTES} bytes"), 413
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        return error_body(f"the request body is not valid JSON: {e}"), 400
+    try:
+        return await generate(engine, body), 200
+    except RequestError as e:
+        return error_body(str(e), e.param), e.status
+
+
+async def until_disconnected(request, poll: float = DISCONNECT_POLL_S) -> None:
+    """Return once the HTTP client of `request` (a Starlette request whose body has been read) has gone."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll)
+
+
+async def answer_while_connected(engine: Engine, request, raw: bytes) -> tuple[dict, int] | None:
+    """`answer`, cancelled (and with it the engine request, freeing its batch slot) if the client disconnects
+    first; None then. A plain ASGI handler would otherwise run a gone client's request to the end."""
+    work = asyncio.ensure_future(answer(engine, raw))
+    watch = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    return work.result() if not work.cancelled() else None
+
+
 def create_app(engine: Engine, *, close_engine: bool = False):
     """The ASGI app over `engine`. With close_engine, the app's shutdown closes the engine (finishing every
     accepted request)."""
@@ -183,17 +220,11 @@ def create_app(engine: Engine, *, close_engine: bool = False):
     async def images(request):
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
             return JSONResponse(error_body(f"the request body is over {MAX_BODY_BYTES} bytes"), status_code=413)
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            return JSONResponse(error_body(f"the request body is over {MAX_BODY_BYTES} bytes"), status_code=413)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            return JSONResponse(error_body(f"the request body is not valid JSON: {e}"), status_code=400)
-        try:
-            return JSONResponse(await generate(engine, body))
-        except RequestError as e:
-            return JSONResponse(error_body(str(e), e.param), status_code=e.status)
+        answered = await answer_while_connected(engine, request, await request.body())
+        if answered is None:  # nobody to answer; the status is for the access log
+            return Response(status_code=499)
+        body, status = answered
+        return JSONResponse(body, status_code=status)
 
     async def health(request):
         ok = engine.healthy()

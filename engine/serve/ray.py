@@ -17,10 +17,8 @@ imports).
 """
 from __future__ import annotations
 
-import json
-
 from .engine import Engine
-from .http import MAX_BODY_BYTES, RequestError, error_body, generate as generate_body
+from .http import RequestError, answer, error_body, generate as generate_body
 
 
 class UnclipReplica:
@@ -56,15 +54,9 @@ class UnclipReplica:
                                 status_code=200 if ok else 503)
         if request.method != "POST" or not path.endswith("/v1/images/generations"):
             return JSONResponse(error_body(f"no route {request.method} {request.url.path}"), status_code=404)
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            return JSONResponse(error_body(f"the request body is over {MAX_BODY_BYTES} bytes"), status_code=413)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            return JSONResponse(error_body(f"the request body is not valid JSON: {e}"), status_code=400)
-        answer = await self.generate(body)
-        return JSONResponse(answer, status_code=answer.pop("status", 200))
+        # Ray Serve cancels this coroutine when the HTTP client disconnects, which cancels the engine request.
+        body, status = await answer(self.engine, await request.body())
+        return JSONResponse(body, status_code=status)
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: a dead worker thread restarts the replica."""
