@@ -160,8 +160,9 @@ def test_outpainting_fills_the_background(pipe, results):
 
 @toy
 def test_negative_prompt_halves_the_colour_it_names(pipe, results):
-    # The issue's example is "a circle" with negative "red", but the toy model draws "a circle" red only 1 time
-    # in 64 (measured), so that comparison cannot fail. The test names the colour drawn most often instead.
+    # The issue's example is "a circle" with negative "red", but the toy model draws "a circle" red only 4 times
+    # in 64 (measured; 0 with the negative), too few for the comparison to say much. The test names the colour
+    # drawn most often instead.
     r = _once(results, "negative", lambda: measure_negative(pipe))
     colour = r["negative_prompt"]
     assert r["plain"][colour] >= 8, r  # enough images of that colour for the comparison to mean something
@@ -172,10 +173,7 @@ def test_negative_prompt_halves_the_colour_it_names(pipe, results):
 def test_img2img_keeps_the_source_at_low_strength_and_follows_the_prompt_at_full(pipe, results):
     r = _once(results, "img2img", lambda: measure_img2img(pipe))
     keeps = r["strength_0.3_keeps"]["own"]
-    assert keeps["colour"] >= 0.9, r["strength_0.3_keeps"]
-    # The issue asks for shape >= 90 %; measured 87.5 % (42/48): the six misses are circles read as squares,
-    # five of them small, the toy's known 32×32 limit (its text to image has shape 88.3 %; variations 90 %).
-    assert keeps["shape"] >= 0.85, r["strength_0.3_keeps"]
+    assert keeps["colour"] >= 0.9 and keeps["shape"] >= 0.9, r["strength_0.3_keeps"]
     t2i, i2i = r["strength_1.0_match"]["text_to_image"], r["strength_1.0_match"]["img2img_1.0"]
     for attr in t2i:
         assert abs(t2i[attr] - i2i[attr]) <= 0.05 + 1e-9, (attr, t2i, i2i)

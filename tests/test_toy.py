@@ -164,8 +164,8 @@ def test_attributes_left_free_vary_across_seeds(pipe):
                output_type="np", progress=False)
     judged = shapes.judge_batch(_uint8(out.images))
     assert sum(j.colour == "red" for j in judged) >= 15
-    # Small circles are ~7 px across at the decoder's 32×32; some come out square-ish (measured 14/16 here,
-    # 29/32 over four seeds of 8): the named shape must still dominate.
+    # Small circles are ~7 px across at the decoder's 32×32, the hardest shape to draw there (the toy before
+    # 2026-12-02 drew 14/16 here): the named shape must dominate.
     assert sum(j.shape == "circle" for j in judged) >= 12
     for attr in ("size", "position", "background"):
         assert len({getattr(j, attr) for j in judged}) >= 2, (attr, [getattr(j, attr) for j in judged])
@@ -214,18 +214,16 @@ def test_text_diff_red_to_blue_changes_colour_keeps_shape(pipe):
     assert last.shape == "square", last
 
 
-def test_interpolation_passes_through_intermediate_hues(pipe):
+def test_interpolation_moves_from_one_end_to_the_other(pipe):
     red, blue = (shapes.render(shapes.sample_scenes(1, 8, colour=c, shape="circle", size="large",
                                                     position="center", background="white")[0])
                  for c in ("red", "blue"))
-    out = pipe.interpolate(red, blue, num=5, generator=torch.Generator().manual_seed(0), output_type="np",
+    out = pipe.interpolate(red, blue, num=7, generator=torch.Generator().manual_seed(0), output_type="np",
                            progress=False)
     judged = shapes.judge_batch(_uint8(out.images))
-    assert judged[0].colour == "red" and judged[-1].colour == "blue", judged
-    assert all(j.found for j in judged)
-
-    def arc(a, b):  # circular hue distance
-        return min(abs(a - b), 1 - abs(a - b))
-    # Some frame in between has a hue clearly different from both ends.
-    assert any(min(arc(j.hue, judged[0].hue), arc(j.hue, judged[-1].hue)) > 0.05 for j in judged[1:-1]), \
-        [j.hue for j in judged]
+    colours = [j.colour for j in judged]
+    assert all(j.found and j.shape == "circle" for j in judged), judged
+    # The toy's six colours are categories: the frames switch from red to blue once, somewhere inside the path
+    # (measured: after the third of seven frames), never back, and nothing else appears.
+    switch = colours.index("blue")
+    assert 1 < switch < len(colours) - 1 and colours == ["red"] * switch + ["blue"] * (len(colours) - switch), colours

@@ -52,6 +52,9 @@ def assemble(work: str, out: str, recipe: dict | None = None) -> None:
     log = C.Log(os.path.join(work, "train.log"), "assemble")
     c = components(work)
     save_components(c, out, dtype=torch.float16)
+    # The shipped folder keeps Karlo's tokenizer form (vocab.json + merges.txt, no tokenizer.json): the engine
+    # reads both forms, and tests/test_tokenizer.py checks the older one through this folder.
+    os.remove(os.path.join(out, "tokenizer", "tokenizer.json"))
     stages = {}
     for name in ("clip", "prior", "decoder", "upsampler"):
         ck = C.load_checkpoint(os.path.join(work, f"{name}.pt"))

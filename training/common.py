@@ -94,7 +94,7 @@ SUPER_RES_SCHEDULER = {"variance_type": "fixed_small_log", "prediction_type": "s
                        "clip_sample_range": 1.0}
 # Steps, batch sizes and learning rates of the shipped weights (seed 0); each stage script's defaults.
 RECIPE = {
-    "clip": {"steps": 500, "batch": 128, "lr": 3e-3},
+    "clip": {"steps": 2000, "batch": 128, "lr": 3e-3},
     "prior": {"steps": 2500, "batch": 64, "lr": 1e-3},
     "decoder": {"steps": 8000, "batch": 16, "lr": 2e-3, "prediction": "sample", "max-weight": 20, "high-noise": 0.4},
     "upsampler": {"steps": 1500, "batch": 32, "lr": 1e-3},

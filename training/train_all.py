@@ -1,4 +1,4 @@
-"""Train the whole toy cascade and write it to engine/assets/toy (about 45-60 minutes on a 2-core CPU).
+"""Train the whole toy cascade and write it to engine/assets/toy (about 60-75 minutes on a 2-core CPU).
 
 Stages and their dependencies:
 
