@@ -9,8 +9,8 @@
 
 Every bad request is a 4xx with an OpenAI-style {"error": {"message", "type", "param"}} body: bad JSON,
 unknown fields, wrong types or ranges (400), a body over 1 MiB (413), a full queue (429), a shut-down engine
-(503), a timed-out request (504). A client that disconnects cancels its request (it leaves the batch at the
-next step boundary). `answer` is the one reading of a request body, shared with the Ray Serve deployment
+(503), a timed-out request (504). A client that disconnects cancels its request (it leaves before the next
+batch is formed). `answer` is the one reading of a request body, shared with the Ray Serve deployment
 (unclip.serve.ray).
 """
 from __future__ import annotations
