@@ -53,11 +53,7 @@ def inpainting(pipe) -> np.ndarray:
     masks, prompts = [], []
     for s, (colour, shape) in zip(scenes, (("blue", "triangle"), ("yellow", "square"), ("red", "circle"),
                                            ("green", "triangle"))):
-        half = s.extent / 2 + 3 / 64
-        m = np.zeros((64, 64), bool)
-        m[max(0, int((s.cy - half) * 64)):int(np.ceil((s.cy + half) * 64)),
-          max(0, int((s.cx - half) * 64)):int(np.ceil((s.cx + half) * 64))] = True
-        masks.append(m)
+        masks.append(shapes.box_mask(s, dilate=3))  # as tests/test_editing.py masks its scenes
         prompts.append(shapes.caption({"colour": colour, "shape": shape, "size": s.size, "position": s.position},
                                       ("colour", "shape", "size", "position")))
     out = pipe.inpaint(list(sources), masks, prompts, generator=torch.Generator().manual_seed(0), output_type="np",

@@ -322,6 +322,17 @@ def match(judgement: Judgement, wanted: dict[str, str]) -> dict[str, bool]:
     return {a: got[a] == v for a, v in wanted.items()}
 
 
+def box_mask(scene: Scene, size: int = IMAGE_SIZE, dilate: int = 0) -> np.ndarray:
+    """(size, size) bool, True on the scene's shape's bounding box grown by `dilate` pixels each side (an
+    inpainting mask that covers the object)."""
+    half = scene.extent / 2
+    x0, x1 = int(np.floor((scene.cx - half) * size)) - dilate, int(np.ceil((scene.cx + half) * size)) + dilate
+    y0, y1 = int(np.floor((scene.cy - half) * size)) - dilate, int(np.ceil((scene.cy + half) * size)) + dilate
+    mask = np.zeros((size, size), dtype=bool)
+    mask[max(0, y0):y1, max(0, x0):x1] = True
+    return mask
+
+
 # ----------------------------------------------------------------------------------------------- caption match
 
 def benchmark_prompts(n: int, seed: int = 0) -> list[str]:

@@ -24,16 +24,6 @@ def _uint8(images):
     return np.round(np.asarray(images) * 255).astype(np.uint8)
 
 
-def bbox_mask(scene, size: int = shapes.IMAGE_SIZE, dilate: int = DILATE) -> np.ndarray:
-    """(size, size) bool: the shape's bounding box grown by `dilate` pixels each side."""
-    half = scene.extent / 2
-    x0, x1 = int(np.floor((scene.cx - half) * size)) - dilate, int(np.ceil((scene.cx + half) * size)) + dilate
-    y0, y1 = int(np.floor((scene.cy - half) * size)) - dilate, int(np.ceil((scene.cy + half) * size)) + dilate
-    mask = np.zeros((size, size), dtype=bool)
-    mask[max(0, y0):y1, max(0, x0):x1] = True
-    return mask
-
-
 def inpaint_targets(scenes, seed: int = 5):
     """A different colour and a different shape for every scene, at the same position and size."""
     rng = np.random.default_rng(seed)
@@ -50,7 +40,7 @@ def inpaint_targets(scenes, seed: int = 5):
 def measure_inpainting(pipe, n: int = SCENES, seed: int = 0, **kw) -> dict:
     scenes = shapes.sample_scenes(n, 100 + seed)
     sources = shapes.render(scenes)
-    masks = [bbox_mask(s) for s in scenes]
+    masks = [shapes.box_mask(s, dilate=DILATE) for s in scenes]
     targets = inpaint_targets(scenes)
     prompts = [shapes.caption(t, ("colour", "shape", "size", "position")) for t in targets]
     out = pipe.inpaint(list(sources), masks, prompts, generator=torch.Generator().manual_seed(seed),
